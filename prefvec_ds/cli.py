@@ -1,0 +1,51 @@
+"""`prefvec` command line: each pipeline package registers its own subcommands.
+
+A package contributes a `commands.py` with `add_parsers(subparsers)`; handlers import their heavy
+dependencies (torch, deepspeed) lazily so `prefvec --help` stays fast. A PrefvecError becomes one
+line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from prefvec_ds import PrefvecError, __version__
+
+COMMAND_MODULES = [
+    "prefvec_ds.train.commands",
+    "prefvec_ds.ckpt.commands",
+    "prefvec_ds.pipeline.commands",
+    "prefvec_ds.eval.commands",
+    "prefvec_ds.mora.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefvec", description="Multi-preference alignment with Preference Vectors.")
+    parser.add_argument("--version", action="version", version=f"prefvec-ds {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:  # a real missing dependency, not an absent command module
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PrefvecError as err:
+        print(f"prefvec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

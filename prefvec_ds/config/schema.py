@@ -1,0 +1,219 @@
+"""The run configuration: one dataclass per component, a docstring under every field.
+
+Every check lives in `__post_init__` so a config is valid the moment it exists; errors name the
+parameter by its dotted path (e.g. `dpo.beta`) and say what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefvec_ds import PrefvecError
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl")
+
+
+def _check(cond: bool, param: str, expected: str, got) -> None:
+    if not cond:
+        raise PrefvecError(f"config parameter {param}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "embedded:tiny-llama"
+    """Initial model of the SFT stage: a Hugging Face folder, or `embedded:tiny-llama` for the
+    built-in 2-layer Llama and word-level tokenizer (no download)."""
+    base: str = ""
+    """theta_base (reference model and DPO start): a HF folder; empty = the SFT stage's output
+    `<run_dir>/sft/model`. Set it to skip SFT and align an existing instruct model."""
+    dtype: str = "fp32"
+    """Weights dtype when exported (fp32 | bf16 | fp16); training precision is set by ds_config."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory on 3B-8B models)."""
+
+    def __post_init__(self):
+        _check(self.dtype in ("fp32", "bf16", "fp16"), "model.dtype", "fp32|bf16|fp16", self.dtype)
+
+
+@dataclass
+class PreferenceConfig:
+    source: str = "embedded"
+    """Where pairs come from: embedded | pku_saferlhf | hh_rlhf | jsonl."""
+    path: str = ""
+    """Local json/jsonl/jsonl.gz/parquet file, or a `datasets` hub name (pku_saferlhf, hh_rlhf)."""
+    order_by: str = "better_response_id"
+    """pku_saferlhf (and embedded): the `*_response_id` column that orders a pair:
+    better_response_id (helpfulness), safer_response_id (harmlessness), or another such column
+    (the embedded data also has concise_response_id)."""
+    split: str = "train"
+    """Split name when `path` is a hub data set."""
+    max_pairs: int = 0
+    """Use at most this many pairs (0 = all), taken in file order before the eval split."""
+    eval_fraction: float = 0.1
+    """Fraction of pairs held out (deterministically, by a hash of the pair) for eval metrics."""
+
+    def __post_init__(self):
+        _check(self.source in SOURCES, "data.preferences.<name>.source", "|".join(SOURCES),
+               self.source)
+        _check(self.order_by.endswith("_response_id"), "data.preferences.<name>.order_by",
+               "a *_response_id column such as better_response_id", self.order_by)
+        _check(self.source == "embedded" or bool(self.path), "data.preferences.<name>.path",
+               f"a file or data set name for source {self.source}", self.path)
+        _check(0.0 <= self.eval_fraction < 1.0, "data.preferences.<name>.eval_fraction",
+               "a number in [0, 1)", self.eval_fraction)
+        _check(self.max_pairs >= 0, "data.preferences.<name>.max_pairs", ">= 0", self.max_pairs)
+
+
+def _default_preferences() -> dict[str, PreferenceConfig]:
+    return {"helpful": PreferenceConfig(order_by="better_response_id"),
+            "harmless": PreferenceConfig(order_by="safer_response_id")}
+
+
+@dataclass
+class DataConfig:
+    max_len: int = 512
+    """Maximum tokens of prompt + response; longer examples lose prompt tokens from the left."""
+    max_prompt_len: int = 256
+    """Prompt tokens always kept when an example is too long (the response gets the rest)."""
+    drop_overlong_prompts: bool = False
+    """A prompt longer than max_len is an error (default) or, if true, its pair is dropped."""
+    sft_source: str = "embedded"
+    """SFT data: `embedded`, or a jsonl file of {prompt, response} (or {messages})."""
+    embedded_size: int = 2000
+    """Number of generated preference rows of the embedded data set."""
+    embedded_seed: int = 0
+    """Seed of the embedded data generator (the data set is a pure function of it)."""
+    preferences: dict[str, PreferenceConfig] = field(default_factory=_default_preferences)
+    """Preference name -> source; each preference p trains directions p+ and p-."""
+
+    def __post_init__(self):
+        _check(self.max_len >= 16, "data.max_len", ">= 16", self.max_len)
+        _check(0 < self.max_prompt_len < self.max_len, "data.max_prompt_len",
+               f"in (0, data.max_len={self.max_len})", self.max_prompt_len)
+        _check(len(self.preferences) > 0, "data.preferences", "at least one preference", {})
+        for name in self.preferences:
+            _check(name.replace("_", "").isalnum(), "data.preferences",
+                   "names of letters, digits and _", name)
+
+
+@dataclass
+class OptimConfig:
+    """Fields shared by the SFT and DPO stages."""
+
+    epochs: float = 1.0
+    """Passes over the training data (fractions allowed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = epochs decide)."""
+    lr: float = 2e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps with linear warmup before the cosine decay."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine | linear | constant."""
+    micro_batch_size: int = 4
+    """Examples per rank per forward (a DPO example is a pair: 2 sequences)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    save_every: int = 0
+    """Save a ZeRO-3 checkpoint every N steps (0 = only at the end)."""
+    log_every: int = 10
+    """Write TensorBoard scalars every N steps."""
+
+    def _validate(self, stage: str):
+        _check(self.epochs > 0, f"{stage}.epochs", "> 0", self.epochs)
+        _check(self.lr > 0, f"{stage}.lr", "> 0", self.lr)
+        _check(0 <= self.warmup_ratio < 1, f"{stage}.warmup_ratio", "in [0, 1)",
+               self.warmup_ratio)
+        _check(self.scheduler in ("cosine", "linear", "constant"), f"{stage}.scheduler",
+               "cosine|linear|constant", self.scheduler)
+        for name in ("micro_batch_size", "grad_accum", "log_every"):
+            _check(getattr(self, name) >= 1, f"{stage}.{name}", ">= 1", getattr(self, name))
+        _check(self.save_every >= 0 and self.max_steps >= 0, f"{stage}.save_every/max_steps",
+               ">= 0", (self.save_every, self.max_steps))
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    """Supervised fine-tuning that makes theta_base (paper: 3 epochs, lr 2e-5, cosine)."""
+
+    def __post_init__(self):
+        self._validate("sft")
+
+
+@dataclass
+class DPOConfig(OptimConfig):
+    """DPO per preference direction (paper: 2 epochs, lr 1e-6, wd 0.05, beta 0.1)."""
+
+    beta: float = 0.1
+    """Strength of the KL anchor to theta_base; the implicit reward is beta * log-ratio."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) | ipo | hinge."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: probability that a label is flipped (sigmoid loss only)."""
+    eval_every: int = 0
+    """Evaluate held-out pairs every N steps (0 = at start and end only)."""
+
+    def __post_init__(self):
+        self._validate("dpo")
+        _check(self.beta > 0, "dpo.beta", "> 0", self.beta)
+        _check(self.loss_type in LOSS_TYPES, "dpo.loss_type", "|".join(LOSS_TYPES),
+               self.loss_type)
+        _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)",
+               self.label_smoothing)
+
+
+@dataclass
+class DistributedConfig:
+    ds_config: str = "ds_configs/zero3_cpu_fp32.json"
+    """DeepSpeed JSON owning ZeRO stage and precision (relative paths: the config file's folder,
+    then the project's ds_configs/). Its batch fields must agree with the run config or be absent."""
+    nproc_per_node: int = 2
+    """Ranks per node for each stage (GPUs per node on a cluster)."""
+    nnodes: int = 1
+    """Nodes per stage (SLURM)."""
+    launcher: str = "deepspeed"
+    """How `prefvec train` starts ranks when not already inside a launch: deepspeed | torchrun."""
+    max_concurrent_jobs: int = 0
+    """Local executor: DPO directions run at once (0 = as many as the devices allow)."""
+
+    def __post_init__(self):
+        _check(self.nproc_per_node >= 1, "distributed.nproc_per_node", ">= 1",
+               self.nproc_per_node)
+        _check(self.nnodes >= 1, "distributed.nnodes", ">= 1", self.nnodes)
+        _check(self.launcher in ("deepspeed", "torchrun"), "distributed.launcher",
+               "deepspeed|torchrun", self.launcher)
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/quickstart"
+    """Folder of every stage's outputs; the resolved config is written here."""
+    seed: int = 42
+    """Seed of model init, data order and dropout; the same seed reproduces a run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to start from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data sources and tokenization."""
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(epochs=3, lr=2e-5))
+    """The SFT stage."""
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(epochs=2, lr=1e-6,
+                                                             weight_decay=0.05))
+    """The four (or more) DPO stages."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Launch and DeepSpeed settings."""
+    source_path: str = ""
+    """Set by the loader: the YAML this config came from (for relative paths)."""
+
+    def directions(self) -> list[str]:
+        """Every trainable direction: p+ and p- for each preference p, in config order."""
+        return [f"{p}{s}" for p in self.data.preferences for s in ("+", "-")]
+
+    def parse_direction(self, direction: str) -> tuple[str, int]:
+        """'helpful-' -> ('helpful', -1); an unknown direction is a clear error."""
+        if direction not in self.directions():
+            raise PrefvecError(f"unknown direction {direction!r}: expected one of "
+                               f"{', '.join(self.directions())} (from data.preferences)")
+        return direction[:-1], (1 if direction.endswith("+") else -1)

@@ -1,0 +1,222 @@
+"""DeepSpeed engines for the stages: init, ZeRO-3 model loading, checkpoints, collectives.
+
+Models are built inside `deepspeed.zero.Init` (each rank allocates only its partition) and filled
+one tensor at a time from the HF folder's safetensors: rank 0 reads a tensor (mmap) and
+`GatheredParameters(modifier_rank=0)` scatters it, so no rank ever holds a full state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from prefvec_ds.dist import env as dist_env
+
+COMPLETE_MARKER = "prefvec_complete.json"
+
+
+def init(seed: int) -> dist_env.RankInfo:
+    """Discover ranks (launcher, SLURM, MPI), start the process group, pin CPU threads."""
+    import deepspeed  # noqa: PLC0415
+
+    info = dist_env.discover()
+    dist_env.export(info)
+    if dist_env.accelerator_is_cpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # ranks on one node share its cores: 2 ranks on 2 cores -> 1 thread each, not 2 x 2.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    else:
+        torch.cuda.set_device(info.local_rank)
+    deepspeed.init_distributed(dist_backend=dist_env.backend(), auto_mpi_discovery=False)
+    torch.manual_seed(seed)
+    return info
+
+
+def shutdown() -> None:
+    """barrier + destroy: a clean exit (2-rank gloo jobs otherwise may abort at teardown)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum scalars over ranks in one collective (keys in sorted order on every rank)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
+
+
+def all_gather_objects(obj) -> list:
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights  # noqa: PLC0415 - v5
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights  # noqa: PLC0415 - v4
+    return no_init_weights()
+
+
+def _build_partitioned(model_dir: Path, ds_config: dict, gradient_checkpointing: bool):
+    import deepspeed  # noqa: PLC0415
+    import torch._dynamo  # noqa: F401, PLC0415 - must precede zero.Init (dynamo signature bug)
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+    config = AutoConfig.from_pretrained(model_dir)
+    # no dtype= here: DeepSpeed 0.19 drops it on the CPU accelerator; the config decides.
+    # no weight init: every parameter is overwritten from the folder, and HF's init indexes
+    # rows (padding_idx) of partitions that are empty on this rank.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _fill_from_safetensors(model, model_dir: Path) -> None:
+    """Copy every parameter from the folder's safetensors into its ZeRO-3 partitions."""
+    import deepspeed  # noqa: PLC0415
+    from safetensors import safe_open  # noqa: PLC0415
+
+    from prefvec_ds.models.hf import safetensors_index  # noqa: PLC0415
+
+    index = safetensors_index(model_dir)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    is_src = rank() == 0
+    for name, param in model.named_parameters():
+        key = name if name in index else ("model.embed_tokens.weight"
+                                          if tied and name == "lm_head.weight" else None)
+        if key not in index:
+            raise FileNotFoundError(f"{model_dir}: parameter {name} not found in safetensors")
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if is_src:
+                with safe_open(model_dir / index[key], framework="pt") as fh:
+                    param.data.copy_(fh.get_tensor(key))
+
+
+def build_engine(model_dir: Path, ds_config: dict, train: bool, lr_lambda=None,
+                 gradient_checkpointing: bool = False):
+    """A ZeRO-3 engine over the HF model in model_dir (optimizer + LambdaLR when train)."""
+    import deepspeed  # noqa: PLC0415
+
+    cfg = dict(ds_config)
+    if not train:
+        cfg.pop("optimizer", None)
+    model = _build_partitioned(model_dir, cfg, gradient_checkpointing and train)
+    _fill_from_safetensors(model, model_dir)
+    kwargs = {}
+    if train:
+        # the engine builds the optimizer from the config; our schedule is a plain LambdaLR.
+        kwargs["lr_scheduler"] = (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
+        kwargs["model_parameters"] = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, **kwargs)
+    if not train:
+        engine.eval()
+    return engine
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict) -> Path:
+    """A native ZeRO-3 checkpoint `global_step{N}`; COMPLETE_MARKER is written after all ranks
+    finished (DeepSpeed writes `latest` from rank 0 before the others may be done)."""
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    barrier()
+    if rank() == 0:
+        files = sorted(p.name for p in (Path(ckpt_dir) / tag).iterdir())
+        (Path(ckpt_dir) / tag / COMPLETE_MARKER).write_text(
+            json.dumps({"step": step, "world_size": world_size(), "files": files}))
+    barrier()
+    return Path(ckpt_dir) / tag
+
+
+def latest_complete_tag(ckpt_dir: Path) -> str | None:
+    """The newest tag with a completion marker (a crash mid-save never counts as finished)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    tags = [p for p in ckpt_dir.glob("global_step*") if (p / COMPLETE_MARKER).is_file()]
+    if not tags:
+        return None
+    return max(tags, key=lambda p: int(p.name.removeprefix("global_step"))).name
+
+
+def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
+    """Resume the engine (weights, optimizer, LR schedule) from the newest complete tag."""
+    tag = latest_complete_tag(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load the checkpoint")
+    return client_state
+
+
+def export_hf(engine, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int = 2 * 10**9):
+    """Write the engine's model as HF safetensors, gathering one parameter at a time.
+
+    All ranks take part in each gather; rank 0 streams the tensor straight into its shard.
+    """
+    import deepspeed  # noqa: PLC0415
+
+    from prefvec_ds.ckpt.writer import ShardedSafetensorsWriter, TensorSpec  # noqa: PLC0415
+
+    module = engine.module
+    params = list(module.named_parameters())
+    specs = [TensorSpec(n, tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape), dtype)
+             for n, p in params]
+    is_dst = rank() == 0
+    writer = ShardedSafetensorsWriter(out_dir, specs, max_shard_bytes) if is_dst else None
+    if is_dst:
+        writer.__enter__()
+    try:
+        for name, param in params:
+            with deepspeed.zero.GatheredParameters([param]):
+                if is_dst:
+                    writer.write(name, param.data.detach().to(dtype))
+    finally:
+        if is_dst:
+            writer.__exit__(None, None, None)
+    if is_dst:
+        module.config.save_pretrained(out_dir)
+        if getattr(module, "generation_config", None) is not None:
+            module.generation_config.save_pretrained(out_dir)
+    barrier()

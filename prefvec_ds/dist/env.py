@@ -1,0 +1,110 @@
+"""Rank discovery for every way a job can be started, and a free port per job.
+
+Order of precedence (first match wins):
+1. torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK are already set.
+2. MPI (mpirun, srun --mpi=pmix): OMPI_COMM_WORLD_* or PMIX_RANK. Checked before SLURM because
+   under `mpirun` inside an sbatch job every rank sees SLURM_PROCID=0.
+3. SLURM srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the first host of
+   SLURM_JOB_NODELIST (via `scontrol show hostnames`), MASTER_PORT derived from the job id.
+4. A single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "mpi" | "slurm" | "single"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port (bound and released), so concurrent jobs never share a store."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def slurm_job_port(job_id: str) -> int:
+    """A port every rank of one SLURM job agrees on without talking: 20000 + job id mod 20000.
+
+    Array tasks have distinct SLURM_JOB_IDs, so the four DPO directions on one node differ.
+    """
+    return 20000 + int(job_id) % 20000
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def _mpi_rank_vars(env) -> tuple[int, int, int] | None:
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    if "PMIX_RANK" in env or "PMI_RANK" in env:
+        # PMIx gives no size in the environment: ask MPI itself (mpi4py, imported lazily).
+        from mpi4py import MPI  # noqa: PLC0415
+
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        return comm.Get_rank(), comm.Get_size(), local
+    return None
+
+
+def discover(env=None) -> RankInfo:
+    """Rank, world size and rendezvous address of this process (see module docstring)."""
+    env = os.environ if env is None else env
+    addr = env.get("MASTER_ADDR", "127.0.0.1")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return RankInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        addr, int(env.get("MASTER_PORT", 29500)), "torchrun")
+    mpi = _mpi_rank_vars(env)
+    if mpi is not None:
+        port = int(env.get("MASTER_PORT") or (slurm_job_port(env["SLURM_JOB_ID"])
+                                               if "SLURM_JOB_ID" in env else 29500))
+        return RankInfo(*mpi, addr, port, "mpi")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        host = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        port = int(env.get("MASTER_PORT") or slurm_job_port(env["SLURM_JOB_ID"]))
+        return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                        int(env.get("SLURM_LOCALID", 0)), host, port, "slurm")
+    return RankInfo(0, 1, 0, addr, int(env.get("MASTER_PORT") or free_port()), "single")
+
+
+def export(info: RankInfo, env=None) -> None:
+    """Write the torchrun variables, which deepspeed.init_distributed and torch read."""
+    env = os.environ if env is None else env
+    env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
+               LOCAL_RANK=str(info.local_rank), MASTER_ADDR=info.master_addr,
+               MASTER_PORT=str(info.master_port))
+
+
+def accelerator_is_cpu(env=None) -> bool:
+    """CPU when DS_ACCELERATOR=cpu or no CUDA device is visible."""
+    env = os.environ if env is None else env
+    if env.get("DS_ACCELERATOR") == "cpu":
+        return True
+    import torch  # noqa: PLC0415
+
+    return not torch.cuda.is_available()
+
+
+def backend(env=None) -> str:
+    """gloo on CPU, nccl on GPU."""
+    return "gloo" if accelerator_is_cpu(env) else "nccl"

@@ -1,0 +1,1 @@
+"""Model construction: the embedded tiny Llama and HF-folder loading helpers."""

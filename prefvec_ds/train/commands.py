@@ -1,0 +1,76 @@
+"""`prefvec train sft|ref-logps|dpo`: validate in this process, then launch the ranks."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+
+from prefvec_ds import PrefvecError
+
+
+def add_parsers(sub) -> None:
+    train = sub.add_parser("train", help="run one training stage (SFT, reference log-probs, DPO)")
+    stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, help_text in (("sft", "SFT of the start model -> theta_base"),
+                             ("ref-logps", "reference log-probs of a preference, once"),
+                             ("dpo", "DPO of one preference direction")):
+        p = stages.add_parser(stage, help=help_text)
+        p.add_argument("config", help="run config YAML (see recipes/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05")
+        if stage == "dpo":
+            p.add_argument("--direction", required=True, help="e.g. helpful+ or harmless-")
+        if stage == "ref-logps":
+            p.add_argument("--preference", required=True, help="e.g. helpful")
+        p.add_argument("--nproc", type=int, help="ranks (default distributed.nproc_per_node)")
+        p.add_argument("--launcher", choices=("deepspeed", "torchrun", "none"),
+                       help="how to start ranks; none = this process only "
+                            "(default distributed.launcher; inside srun/mpirun: none)")
+        p.set_defaults(func=run_train)
+
+
+def validate(args: argparse.Namespace):
+    """Every check that needs no ranks: config, direction, model folders, DeepSpeed JSON."""
+    from prefvec_ds.config.loader import load_config, resolve_ds_config  # noqa: PLC0415
+    from prefvec_ds.train.stage import base_model_dir, init_model_dir  # noqa: PLC0415
+
+    cfg = load_config(args.config, args.overrides)
+    world = (args.nproc or cfg.distributed.nproc_per_node) * cfg.distributed.nnodes
+    if args.stage == "sft":
+        init_model_dir(cfg, materialize=False)
+        resolve_ds_config(cfg, cfg.sft, world)
+    else:
+        if args.stage == "dpo":
+            cfg.parse_direction(args.direction)
+        elif args.preference not in cfg.data.preferences:
+            raise PrefvecError(f"unknown preference {args.preference!r}: expected one of "
+                               f"{', '.join(cfg.data.preferences)}")
+        base_model_dir(cfg)
+        resolve_ds_config(cfg, cfg.dpo, world)
+    return cfg
+
+
+def entry_args(args: argparse.Namespace) -> list[str]:
+    out = [args.stage, args.config, *args.overrides]
+    if getattr(args, "direction", None):
+        out += ["--direction", args.direction]
+    if getattr(args, "preference", None):
+        out += ["--preference", args.preference]
+    return out
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from prefvec_ds.dist.launch import inside_launch, launcher_command, stage_env  # noqa: PLC0415
+
+    cfg = validate(args)
+    launcher = args.launcher or ("none" if inside_launch() else cfg.distributed.launcher)
+    if launcher == "none":
+        from prefvec_ds.entry import main as entry_main  # noqa: PLC0415
+
+        return entry_main(entry_args(args))
+    cmd = launcher_command(launcher, args.nproc or cfg.distributed.nproc_per_node,
+                           entry_args(args))
+    try:
+        return subprocess.run(cmd, env=stage_env()).returncode
+    except FileNotFoundError:
+        raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH (install deepspeed, or "
+                           "pass --launcher torchrun)") from None

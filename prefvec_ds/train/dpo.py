@@ -1,0 +1,110 @@
+"""DPO on ZeRO-3 for one preference direction, with precomputed reference log-probs.
+
+helpful+ and helpful- differ only by label switching (chosen <-> rejected); both read the same
+reference table. One forward runs chosen and rejected concatenated; the loss is a pure function
+from prefvec_ds.train.losses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefvec_ds.config.loader import resolve_ds_config, save_resolved
+from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.data.pairs import is_held_out
+from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs
+from prefvec_ds.dist import engine as dist
+from prefvec_ds.train.logps import sequence_logps, split_pair_logps
+from prefvec_ds.train.loop import LoopSpec, run_loop
+from prefvec_ds.train.losses import LOSSES, preference_loss
+from prefvec_ds.train.ref_logps import (build_ref_logps, load_ref_table, ref_fingerprint,
+                                        tokenized_preference)
+from prefvec_ds.train.schedule import schedule_for, shard_for_eval
+from prefvec_ds.train.stage import (base_model_dir, direction_dir, load_tokenizer, mark_done,
+                                    write_json_atomic)
+
+
+def oriented(pairs: list[TokenizedPair], table: dict, sign: int):
+    """The direction's pairs and reference log-probs: the - view swaps both."""
+    out_pairs, ref = [], []
+    for p in pairs:
+        c, r, nc, nr = table[p.key]
+        if sign == 1:
+            out_pairs.append(p)
+            ref.append((c, r, nc, nr))
+        else:
+            out_pairs.append(TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.key))
+            ref.append((r, c, nr, nc))
+    return out_pairs, torch.tensor(ref, dtype=torch.float64)
+
+
+def pair_forward(engine, pairs, ref, idx, pad_id: int, cfg: RunConfig):
+    """Loss, metrics and token count of the pairs `idx` in one concatenated forward."""
+    batch = collate_pairs([pairs[i] for i in idx], pad_id)
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, ntok = sequence_logps(logits, batch["labels"])
+    ref_c, ref_r = ref[idx, 0].to(logps.dtype), ref[idx, 1].to(logps.dtype)
+    if LOSSES[cfg.dpo.loss_type].average_logps:
+        logps = logps / ntok.clamp(min=1)
+        ref_c, ref_r = ref_c / ref[idx, 2].clamp(min=1), ref_r / ref[idx, 3].clamp(min=1)
+    pol_c, pol_r = split_pair_logps(logps.float())
+    loss, metrics = preference_loss(pol_c, pol_r, ref_c.float(), ref_r.float(), cfg.dpo.beta,
+                                    cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+    return loss, metrics, int(batch["attention_mask"].sum())
+
+
+def evaluate_pairs(engine, pairs, ref, pad_id: int, cfg: RunConfig) -> dict[str, float]:
+    """Mean held-out metrics over all ranks (each rank a shard, equal forward counts)."""
+    engine.eval()
+    sums = {"loss": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0,
+            "rewards/accuracies": 0.0, "n": 0.0}
+    with torch.no_grad():
+        for idx, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(),
+                                        cfg.dpo.micro_batch_size * 2):
+            loss, metrics, _ = pair_forward(engine, pairs, ref, idx, pad_id, cfg)
+            if keep:
+                sums["n"] += len(idx)
+                sums["loss"] += loss.item() * len(idx)
+                for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                          "rewards/accuracies"):
+                    sums[k] += metrics[k].item() * len(idx)
+    totals = dist.all_reduce_sum(sums)
+    n = max(totals.pop("n"), 1.0)
+    return {k: v / n for k, v in totals.items()}
+
+
+def train_dpo(cfg: RunConfig, direction: str) -> dict:
+    """Train one direction; returns (on every rank) the final held-out metrics."""
+    preference, sign = cfg.parse_direction(direction)
+    folder = direction_dir(cfg, direction)
+    base = base_model_dir(cfg)
+    tokenizer = load_tokenizer(base)
+    ref_path = build_ref_logps(cfg, preference)
+    pairs = tokenized_preference(cfg, preference, tokenizer)
+    world = dist.world_size()
+    ds = resolve_ds_config(cfg, cfg.dpo, world)
+    table = load_ref_table(ref_path, ref_fingerprint(base, pairs, ds))
+    if table is None:
+        raise RuntimeError(f"{ref_path}: reference table does not match theta_base and the data")
+    frac = cfg.data.preferences[preference].eval_fraction
+    train, train_ref = oriented([p for p in pairs if not is_held_out(p.key, frac)], table, sign)
+    held, held_ref = oriented([p for p in pairs if is_held_out(p.key, frac)], table, sign)
+    schedule = schedule_for(len(train), cfg.dpo, world, f"dpo {direction}")
+    if dist.rank() == 0:
+        save_resolved(cfg, folder, ds)
+    engine = dist.build_engine(base, ds, train=True, lr_lambda=schedule,
+                               gradient_checkpointing=cfg.model.gradient_checkpointing)
+    pad = tokenizer.pad_token_id
+    evaluate = (lambda step: evaluate_pairs(engine, held, held_ref, pad, cfg)) if held else None
+    history = run_loop(engine, LoopSpec(
+        cfg.dpo, len(train), schedule.total_steps, cfg.seed, folder,
+        lambda idx: pair_forward(engine, train, train_ref, idx, pad, cfg), evaluate,
+        cfg.dpo.eval_every))
+    evals = [h for h in history if "eval/rewards/margins" in h]
+    result = {"direction": direction, "preference": preference, "sign": sign,
+              "train_pairs": len(train), "eval_pairs": len(held), "steps": schedule.total_steps,
+              "eval_start": evals[0] if evals else None, "eval_end": evals[-1] if evals else None}
+    if dist.rank() == 0:
+        write_json_atomic(folder / "eval.json", result)
+        mark_done(folder, **result)
+    return result

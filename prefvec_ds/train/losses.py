@@ -1,0 +1,67 @@
+"""Preference losses as a table of pure functions over log-ratios.
+
+Each takes h = (pi_c - ref_c) - (pi_r - ref_r), the difference of the policy's and the reference's
+log-ratios, and returns the per-pair loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023); label_smoothing > 0 is conservative DPO (cDPO)."""
+    return (-F.logsigmoid(beta * h) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * h) * label_smoothing)
+
+
+def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """IPO (Azar et al. 2023): regress the log-ratio gap to 1/(2*beta); beta acts as tau."""
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """SLiC-style hinge on the scaled gap: zero once beta*h passes 1."""
+    return torch.relu(1 - beta * h)
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    fn: Callable[..., torch.Tensor]
+    average_logps: bool
+    """IPO is defined on per-token average log-probs; DPO and hinge on sums."""
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(sigmoid_loss, average_logps=False),
+    "ipo": LossSpec(ipo_loss, average_logps=True),
+    "hinge": LossSpec(hinge_loss, average_logps=False),
+}
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over the pairs and TRL-named metrics (detached, per-batch means).
+
+    rewards/chosen = beta * (pi_c - ref_c) is DPO's implicit reward; accuracies is the fraction
+    of pairs whose chosen reward is higher.
+    """
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}: expected one of {', '.join(LOSSES)}")
+    chosen_ratio = policy_chosen - ref_chosen
+    rejected_ratio = policy_rejected - ref_rejected
+    losses = LOSSES[loss_type].fn(chosen_ratio - rejected_ratio, beta, label_smoothing)
+    rc, rr = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    metrics = {
+        "rewards/chosen": rc.mean(), "rewards/rejected": rr.mean(),
+        "rewards/margins": (rc - rr).mean(), "rewards/accuracies": (rc > rr).float().mean(),
+        "logps/chosen": policy_chosen.detach().mean(),
+        "logps/rejected": policy_rejected.detach().mean(),
+    }
+    return losses.mean(), metrics

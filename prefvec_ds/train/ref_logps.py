@@ -1,0 +1,94 @@
+"""Reference log-probs of every pair under theta_base, computed once per preference data set.
+
+Stored in the + orientation with the pairs' order-free keys; the - direction reads the same
+table with the columns swapped. DPO then needs no resident reference model: it saves the
+reference's memory and its forward pass, about a quarter of a step's compute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.config.loader import resolve_ds_config
+from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.data.sources import load_preference
+from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs, fingerprint_pairs, tokenize_pairs
+from prefvec_ds.dist import engine as dist
+from prefvec_ds.models.hf import model_fingerprint
+from prefvec_ds.train.logps import sequence_logps, split_pair_logps
+from prefvec_ds.train.schedule import shard_for_eval
+from prefvec_ds.train.stage import base_model_dir, load_tokenizer, run_path
+
+
+def ref_table_path(cfg: RunConfig, preference: str) -> Path:
+    return run_path(cfg, "ref_logps", f"{preference}.pt")
+
+
+def tokenized_preference(cfg: RunConfig, preference: str, tokenizer) -> list[TokenizedPair]:
+    pairs = load_preference(preference, cfg.data.preferences[preference], cfg.data)
+    tokenized, stats = tokenize_pairs(pairs, tokenizer, cfg.data)
+    if dist.rank() == 0:
+        print(f"preference {preference}: {stats}", flush=True)
+    return tokenized
+
+
+def ref_fingerprint(base: Path, pairs: list[TokenizedPair], ds_config: dict) -> str:
+    """Model + data + tokenization + precision: any change invalidates the table."""
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else (
+        "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
+    text = f"{model_fingerprint(base)}|{fingerprint_pairs(pairs, 0)}|{precision}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_ref_table(path: Path, fingerprint: str) -> dict[str, tuple[float, float, int, int]] | None:
+    """key -> (logp chosen+, logp rejected+, tokens chosen+, tokens rejected+), or None if
+    the table is absent or was computed for other inputs."""
+    if not path.is_file():
+        return None
+    table = torch.load(path, weights_only=True)
+    if table["fingerprint"] != fingerprint:
+        return None
+    return {k: (c, r, int(nc), int(nr)) for k, (c, r), (nc, nr) in
+            zip(table["keys"], table["logps"].tolist(), table["tokens"].tolist())}
+
+
+def build_ref_logps(cfg: RunConfig, preference: str, micro_batch_size: int | None = None) -> Path:
+    """Compute (or reuse) the table of `preference`; every rank must call it."""
+    if preference not in cfg.data.preferences:
+        raise PrefvecError(f"unknown preference {preference!r}: expected one of "
+                           f"{', '.join(cfg.data.preferences)}")
+    base = base_model_dir(cfg)
+    tokenizer = load_tokenizer(base)
+    pairs = tokenized_preference(cfg, preference, tokenizer)
+    ds = resolve_ds_config(cfg, cfg.dpo, dist.world_size())
+    fingerprint = ref_fingerprint(base, pairs, ds)
+    out = ref_table_path(cfg, preference)
+    if load_ref_table(out, fingerprint) is not None:
+        return out
+    engine = dist.build_engine(base, ds, train=False)
+    micro = micro_batch_size or cfg.dpo.micro_batch_size
+    mine: list[tuple[int, float, float, int, int]] = []
+    with torch.no_grad():
+        for idx, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(), micro):
+            batch = collate_pairs([pairs[i] for i in idx], tokenizer.pad_token_id)
+            logits = engine(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+            logps, ntok = sequence_logps(logits, batch["labels"])
+            (c, r), (nc, nr) = split_pair_logps(logps), split_pair_logps(ntok)
+            if keep:
+                mine += list(zip(idx, c.tolist(), r.tolist(), nc.tolist(), nr.tolist()))
+    rows = sorted(row for part in dist.all_gather_objects(mine) for row in part)
+    if dist.rank() == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        torch.save({"fingerprint": fingerprint, "keys": [pairs[i].key for i, *_ in rows],
+                    "logps": torch.tensor([[c, r] for _, c, r, _, _ in rows], dtype=torch.float64),
+                    "tokens": torch.tensor([[nc, nr] for *_, nc, nr in rows])}, tmp)
+        tmp.replace(out)
+    dist.barrier()
+    del engine
+    return out

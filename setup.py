@@ -1,0 +1,32 @@
+"""prefvec-ds: multi-preference alignment with Preference Vectors on DeepSpeed ZeRO-3."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prefvec-ds",
+    version="0.1.0",
+    description="DeepSpeed framework for multi-preference alignment with Preference Vectors",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["prefvec_ds", "prefvec_ds.*"]),
+    package_data={"prefvec_ds": ["models/embedded/*.json", "ds_configs/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is pinned by the installer (CI pins torch==2.13.0 CPU); any 2.x works.
+        "torch>=2.3",
+        "deepspeed>=0.16",
+        "transformers>=4.45",
+        "datasets>=2.19",
+        "safetensors>=0.4.3",
+        "tensorboard>=2.15",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # mpi4py is imported lazily, only for MPI rank discovery (needs a system MPI library).
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["prefvec=prefvec_ds.cli:main"]},
+)
