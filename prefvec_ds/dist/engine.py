@@ -86,6 +86,13 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def peak_rss_mb_per_rank() -> list[float]:
+    """Peak resident memory of every rank (MB), gathered to all ranks."""
+    import resource  # noqa: PLC0415
+
+    return all_gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
 def _no_init_weights():
     try:
         from transformers.initialization import no_init_weights  # noqa: PLC0415 - v5

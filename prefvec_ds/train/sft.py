@@ -49,8 +49,10 @@ def train_sft(cfg: RunConfig) -> None:
     history = run_loop(engine, LoopSpec(cfg.sft, len(examples), schedule.total_steps, cfg.seed,
                                         folder, compute))
     export_model(engine, start, folder / "model", DTYPES_BY_NAME[cfg.model.dtype])
+    rss = dist.peak_rss_mb_per_rank()
     if dist.rank() == 0:
-        mark_done(folder, steps=schedule.total_steps, history=history[-1:] if history else [])
+        mark_done(folder, steps=schedule.total_steps, last=history[-1] if history else {},
+                  peak_rss_mb_per_rank=rss)
 
 
 def export_model(engine, tokenizer_src, target, dtype: torch.dtype) -> None:

@@ -1,0 +1,48 @@
+import math
+
+import pytest
+import torch
+
+from prefvec_ds.train.losses import LOSSES, preference_loss
+
+
+def test_sigmoid_matches_hand_computed_value():
+    # h = (-1 - -2) - (-3 - -2) = 1 - (-1) = 2; loss = -log sigmoid(0.1 * 2) = log(1 + e^-0.2)
+    loss, m = preference_loss(torch.tensor([-1.0]), torch.tensor([-3.0]),
+                              torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.2)), rel=1e-6)
+    assert m["rewards/chosen"].item() == pytest.approx(0.1)
+    assert m["rewards/rejected"].item() == pytest.approx(-0.1)
+    assert m["rewards/margins"].item() == pytest.approx(0.2)
+    assert m["rewards/accuracies"].item() == 1.0
+
+
+def test_label_smoothing_mixes_both_sides():
+    h = torch.tensor([2.0])
+    loss, _ = preference_loss(h, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.5,
+                              label_smoothing=0.25)
+    expected = 0.75 * math.log(1 + math.exp(-1.0)) + 0.25 * math.log(1 + math.exp(1.0))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_ipo_and_hinge_values():
+    z = torch.zeros(2)
+    h = torch.tensor([1.0, 10.0])
+    ipo, _ = preference_loss(h, z, z, z, beta=0.25, loss_type="ipo")
+    assert ipo.item() == pytest.approx(((1 - 2) ** 2 + (10 - 2) ** 2) / 2)
+    hinge, _ = preference_loss(h, z, z, z, beta=0.5, loss_type="hinge")
+    assert hinge.item() == pytest.approx((0.5 + 0.0) / 2)
+    assert LOSSES["ipo"].average_logps and not LOSSES["sigmoid"].average_logps
+
+
+def test_gradient_pushes_chosen_up_and_rejected_down():
+    pc = torch.tensor([-5.0], requires_grad=True)
+    pr = torch.tensor([-5.0], requires_grad=True)
+    loss, _ = preference_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]), beta=0.1)
+    loss.backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+
+
+def test_unknown_loss_type():
+    with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
+        preference_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.1, "kto")
