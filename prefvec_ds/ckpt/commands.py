@@ -1,0 +1,108 @@
+"""`prefvec vector`, `prefvec merge`, `prefvec vector-stats`: argparse wiring only.
+
+Heavy imports (torch) happen inside the handlers so `prefvec --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from prefvec_ds import PrefvecError
+
+
+def _workers(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError("expected a positive number of workers")
+    return n
+
+
+def _vector_eta(text: str) -> tuple[str, float]:
+    """'VEC=ETA' or 'PLUS,MINUS=ETA' (ETA defaults to 1.0 when '=ETA' is left out)."""
+    vec, sep, eta = text.rpartition("=")
+    if not sep:
+        return text, 1.0
+    try:
+        return vec, float(eta)
+    except ValueError:
+        raise PrefvecError(f"--vector {text}: expected VEC=ETA with ETA a number, e.g. vecs/helpful=0.5")
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vector", help="phi = plus - minus, straight from ZeRO-3 shards",
+                       description="Compute a preference vector phi = theta_plus - theta_minus "
+                       "from two DeepSpeed ZeRO-3 checkpoints (or HF folders), streaming, and "
+                       "save it as a vector folder (safetensors + prefvec_vector.json).")
+    p.add_argument("--plus", required=True, help="checkpoint of the + run (folder with `latest`, "
+                   "a tag folder, or a HF model folder)")
+    p.add_argument("--minus", required=True, help="checkpoint of the - run")
+    p.add_argument("--out", required=True, help="vector folder to write")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--max-shard-size", default="5GB", help="e.g. 500MB, 5GB")
+    p.add_argument("--workers", type=_workers, default=2, help="parallel reader threads")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_vector)
+
+    p = sub.add_parser("merge", help="theta_base + sum eta*phi -> HF sharded safetensors",
+                       description="Merge preference vectors into a base model, one tensor at a "
+                       "time, and write a HF folder (safetensors shards + index + config + "
+                       "tokenizer copied from the base).")
+    p.add_argument("--base", required=True, help="HF model folder or ZeRO-3 checkpoint")
+    p.add_argument("--vector", action="append", required=True, metavar="VEC=ETA",
+                   help="a vector folder, or PLUS_CKPT,MINUS_CKPT to subtract on the fly; "
+                   "repeat for several vectors; ETA defaults to 1")
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="output dtype (default: the base's)")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--config-from", default=None, help="HF folder to copy config/tokenizer from "
+                   "(default: the base, or beside a ZeRO-3 base)")
+    p.add_argument("--workers", type=_workers, default=2, help="parallel reader threads")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=run_merge)
+
+    p = sub.add_parser("vector-stats", help="norms per layer and cosine between vectors",
+                       description="Per-layer and total L2 norms of each vector and the cosine "
+                       "similarity between every pair, computed streaming.")
+    p.add_argument("vectors", nargs="+", metavar="VEC", help="vector folders (or PLUS,MINUS)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=run_vector_stats)
+
+
+def run_vector(args) -> int:
+    from prefvec_ds.ckpt.vector import compute_vector
+
+    m = compute_vector(args.plus, args.minus, args.out, dtype=args.dtype,
+                       max_shard_size=args.max_shard_size, workers=args.workers,
+                       overwrite=args.overwrite)
+    print(f"wrote vector {args.out}: {m['num_tensors']} tensors, {m['num_elements']:,} values, "
+          f"norm {m['norm']:.6g} ({'flat fast path' if m['fast_flat_path'] else 'named ranges'}, "
+          f"{m['seconds']:.2f} s)")
+    return 0
+
+
+def run_merge(args) -> int:
+    from prefvec_ds.ckpt.merge import merge_vectors
+    from prefvec_ds.ckpt.sources import open_vector_arg
+
+    vectors = [(open_vector_arg(vec), eta) for vec, eta in map(_vector_eta, args.vector)]
+    info = merge_vectors(args.base, vectors, args.out, dtype=args.dtype,
+                         max_shard_size=args.max_shard_size, workers=args.workers,
+                         overwrite=args.overwrite, config_from=args.config_from)
+    print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB "
+          f"{info['dtype']}; copied {', '.join(info['copied']) or 'no config files'}")
+    return 0
+
+
+def run_vector_stats(args) -> int:
+    from prefvec_ds.ckpt.stats import format_stats, vector_stats
+
+    stats = vector_stats(args.vectors)
+    print(format_stats(stats))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(stats, fh, indent=2)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,174 @@
+"""`prefvec merge`: theta = theta_base + sum_i eta_i * phi_i, streamed to HF sharded safetensors.
+
+Per output tensor: one fp32 buffer is filled chunk by chunk (segments.accumulate): the base
+chunk is read straight into it, each vector's chunk (saved vector, or plus/minus rank slices with
+alpha = +-eta) is added in place, the chunk is checked for NaN/Inf while in cache; then the tensor
+is cast and appended to its shard. Peak memory is (workers + 1) x the largest tensor in fp32 plus one scratch per worker, so
+it does not grow with the model; the output appears only when complete (atomic rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
+from prefvec_ds.ckpt.segments import FDS, accumulate, prefetch_segments
+from prefvec_ds.ckpt.stream import ordered_map, progress, single_threaded_kernels
+from prefvec_ds.ckpt.writer import (DTYPES_BY_NAME, ShardedSafetensorsWriter, TensorSpec,
+                                    atomic_output_dir, parse_size)
+
+# Files in a HF folder that are weights (never copied) rather than config or tokenizer.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _base_plan(base) -> list[str]:
+    """Names the merged model will hold: the base's tensors (ZeRO-3: params, tied aliases and
+    persistent buffers, since a HF loader may expect each of them)."""
+    if base.kind == "zero3":
+        return base.names() + list(base.aliases) + list(base.buffers())
+    if base.kind != "safetensors":
+        raise PrefvecError(f"base {base.path}: a saved vector cannot be a base model")
+    return base.names()
+
+
+def _float_names(base, names: list[str]) -> list[str]:
+    if base.kind == "zero3":
+        buffers = base.buffers()
+        return [n for n in names if n not in buffers or buffers[n].is_floating_point()]
+    return [n for n in names if base.is_float(n)]
+
+
+def _default_dtype(base) -> str:
+    if base.kind == "zero3":
+        return "fp32"
+    counts: dict[str, int] = {}
+    for n in base.names():
+        if base.is_float(n):
+            counts[base.dtype_name(n)] = counts.get(base.dtype_name(n), 0) + 1
+    best = max(counts, key=counts.get) if counts else "fp32"
+    return best if best in DTYPES_BY_NAME else "fp32"
+
+
+def _config_folder(base, config_from: str | Path | None) -> Path | None:
+    """Where config/tokenizer files come from: --config-from, the HF base, or for a ZeRO-3 base
+    the checkpoint folder or its parent (trainers save the HF config beside checkpoints)."""
+    if config_from is not None:
+        folder = Path(config_from)
+        if not (folder / "config.json").is_file():
+            raise PrefvecError(f"--config-from {folder}: no config.json there")
+        return folder
+    if base.kind != "zero3":
+        return base.path
+    for folder in (base.path, base.path.parent, base.tag_dir.parent.parent):
+        if (folder / "config.json").is_file():
+            return folder
+    return None
+
+
+def _copy_config(src: Path | None, dst: Path, dtype: str) -> list[str]:
+    """Copy config, generation config, tokenizer files; set the config's dtype to ours."""
+    copied = []
+    if src is None:
+        return copied
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _WEIGHT_INDEXES \
+                or f.name.startswith(".") or f.name == "latest":
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    cfg_path = dst / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        for key in ("torch_dtype", "dtype"):  # transformers 4 reads torch_dtype, 5 reads dtype
+            if key in cfg or key == "dtype":
+                cfg[key] = _TORCH_DTYPE_NAMES[dtype]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return copied
+
+
+def _vector_maps(base, names: list[str], vectors: list) -> list[dict[str, str]]:
+    """For each vector: base name -> the vector's name; every vector tensor must be used."""
+    maps = []
+    for vec, _eta in vectors:
+        groups = alias_groups(base, vec)
+        mapping = match_names(names, vec, groups, f"base {base.path}", "vector")
+        unused = set(vec.names()) - set(mapping.values())
+        if unused:
+            raise PrefvecError(f"vector {vec.path}: parameter {sorted(unused)[0]}: not in base "
+                               f"{base.path} (different architectures?)")
+        check_shapes(mapping, base, vec, "base", "vector")
+        maps.append(mapping)
+    return maps
+
+
+def _ordered(names: list[str], vectors: list, maps: list[dict[str, str]]) -> list[str]:
+    """Follow the first vector's storage order: for ZeRO-3 inputs that is flat order, so every
+    rank file is read front to back (sequential I/O) instead of hopping around."""
+    if not vectors:
+        return names
+    rank = {n: i for i, n in enumerate(vectors[0][0].names())}
+    return sorted(names, key=lambda n: rank.get(maps[0].get(n), len(rank)))
+
+
+def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: str | Path,
+                  dtype: str | None = None, max_shard_size: str | int = "5GB", workers: int = 1,
+                  overwrite: bool = False, config_from: str | Path | None = None) -> dict:
+    """Write base + sum eta * phi as a HF folder. `vectors`: [(opened source, eta)]."""
+    import torch
+
+    base_src = open_source(base, "base")
+    names = _base_plan(base_src)
+    floats = set(_float_names(base_src, names))
+    maps = _vector_maps(base_src, sorted(floats), vectors)
+    order = _ordered(names, vectors, maps)
+    dtype = dtype or _default_dtype(base_src)
+    out_dtype = DTYPES_BY_NAME[dtype]
+    cfg_src = _config_folder(base_src, config_from)
+    if cfg_src is None:
+        raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
+                           "pass --config-from HF_FOLDER so the merged model is loadable")
+    owner = {**base_src.aliases}
+    buffers = base_src.buffers() if base_src.kind == "zero3" else {}
+
+    def build(name: str):
+        shape = tuple(base_src.shape(owner.get(name, name))) if name not in buffers \
+            else tuple(buffers[name].shape)
+        if name not in floats:  # integer/bool buffers pass through untouched
+            return buffers[name] if name in buffers else base_src.read(name).view(shape)
+        terms = [] if name in buffers else base_src.terms(owner.get(name, name), 1.0)
+        for (vec, eta), mapping in zip(vectors, maps):
+            if eta != 0.0:
+                terms += vec.terms(mapping[name], float(eta))
+        prefetch_segments([seg for segs, _ in terms for seg in segs])  # all reads in flight
+        buf = torch.empty(math.prod(shape), dtype=torch.float32)
+        if name in buffers:
+            buf.copy_(buffers[name].reshape(-1))
+        accumulate(buf, terms, copy_first=name not in buffers,
+                   check=f"merged model {out}, parameter {name}")
+        return buf.view(shape).to(out_dtype)
+
+    specs = []
+    for n in order:
+        t_shape = tuple(buffers[n].shape) if n in buffers else tuple(
+            base_src.shape(owner.get(n, n)))
+        t_dtype = out_dtype if n in floats else (
+            buffers[n].dtype if n in buffers else base_src.torch_dtype(n))
+        specs.append(TensorSpec(n, t_shape, t_dtype))
+    try:
+        with single_threaded_kernels(), atomic_output_dir(Path(out), overwrite) as tmp:
+            with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size)) as writer, \
+                    progress(sum(s.nbytes for s in specs), "merge") as bar:
+                for name, tensor in ordered_map(build, order, workers):
+                    writer.write(name, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+            copied = _copy_config(cfg_src, tmp, dtype)
+    finally:
+        FDS.close()  # also after errors: a cached fd must not outlive its file
+    return {"out": str(out), "dtype": dtype, "tensors": len(specs), "copied": copied,
+            "bytes": sum(s.nbytes for s in specs)}

@@ -1,0 +1,147 @@
+"""Tensor sources: anything that can add one named fp32 tensor into a buffer on demand.
+
+Three kinds share one small interface (names(), shape(name), aliases, add_into(name, out, alpha,
+copy)): a ZeRO-3 checkpoint (zero3.Zero3Checkpoint), a safetensors folder (an HF model or a saved
+vector, safetensors_io.SafetensorsFolder), and the lazy difference of two sources (DiffSource,
+phi = plus - minus, never materialised as a whole). Name matching between sources goes through
+tied-weight alias groups, so `lm_head.weight` tied to `model.embed_tokens.weight` matches either.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
+from prefvec_ds.ckpt.segments import accumulate
+from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder
+
+VECTOR_MANIFEST = "prefvec_vector.json"
+VECTOR_FORMAT = "prefvec-vector"
+
+
+def open_source(path: str | Path, role: str):
+    """Open a ZeRO-3 checkpoint, a saved vector, or a HF safetensors folder by what it holds."""
+    path = Path(path)
+    if not path.exists():
+        raise PrefvecError(f"{role} {path}: no such file or folder")
+    if not path.is_dir():
+        raise PrefvecError(f"{role} {path}: expected a folder (DeepSpeed checkpoint, HF model or "
+                           "prefvec vector)")
+    if is_zero3_folder(path):
+        return Zero3Checkpoint(path)
+    if (path / VECTOR_MANIFEST).is_file():
+        return open_vector(path)
+    return SafetensorsFolder(path)
+
+
+def open_vector(path: str | Path) -> SafetensorsFolder:
+    """A saved vector: safetensors shards plus a manifest (aliases, provenance, norms)."""
+    path = Path(path)
+    manifest_path = path / VECTOR_MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrefvecError(f"file {manifest_path}: expected a prefvec vector manifest ({err})")
+    if manifest.get("format") != VECTOR_FORMAT:
+        raise PrefvecError(f"file {manifest_path}: parameter format: expected {VECTOR_FORMAT!r}")
+    folder = SafetensorsFolder(path)
+    folder.kind = "vector"
+    folder.aliases = dict(manifest.get("aliases") or {})
+    folder.meta = manifest
+    return folder
+
+
+def alias_groups(*sources) -> dict[str, set[str]]:
+    """name -> every name tied to it (itself included), over all sources' alias maps."""
+    groups: dict[str, set[str]] = {}
+    for src in sources:
+        for alias, owner in getattr(src, "aliases", {}).items():
+            merged = groups.get(alias, {alias}) | groups.get(owner, {owner})
+            for n in merged:
+                groups[n] = merged
+    return groups
+
+
+def match_names(wanted: list[str], src, groups: dict[str, set[str]], role: str,
+                src_role: str) -> dict[str, str]:
+    """Map each wanted name to the name `src` stores it under (directly or via a tied alias)."""
+    have = set(src.names())
+    mapping = {}
+    for name in wanted:
+        found = name if name in have else next(
+            (n for n in sorted(groups.get(name, ())) if n in have), None)
+        if found is None:
+            raise PrefvecError(f"{src_role} {src.path}: parameter {name}: missing (present in "
+                               f"{role}); are they the same architecture?")
+        mapping[name] = found
+    return mapping
+
+
+def check_shapes(mapping: dict[str, str], a, b, a_role: str, b_role: str) -> None:
+    for name, other in mapping.items():
+        if tuple(a.shape(name)) != tuple(b.shape(other)):
+            raise PrefvecError(f"{b_role} {b.path}: parameter {other}: shape "
+                               f"{list(b.shape(other))}, expected {list(a.shape(name))} as in "
+                               f"{a_role} {a.path} (different architectures?)")
+
+
+class DiffSource:
+    """phi = plus - minus, built per tensor on demand.
+
+    Fast path: two ZeRO-3 checkpoints with the same flat layout (W, sub-groups, param order) are
+    subtracted at identical flat offsets, rank file by rank file, without any name lookup on the
+    minus side. Otherwise each side is read through its own named layout (same result).
+    """
+
+    kind = "diff"
+
+    def __init__(self, plus, minus):
+        self.plus, self.minus = plus, minus
+        self.path = f"{plus.path},{minus.path}"
+        self.aliases = {**minus.aliases, **plus.aliases}
+        groups = alias_groups(plus, minus)
+        self.to_minus = match_names(plus.names(), minus, groups, f"plus {plus.path}", "minus")
+        extra = set(minus.names()) - set(self.to_minus.values())
+        if extra:
+            raise PrefvecError(f"minus {minus.path}: parameter {sorted(extra)[0]}: not in plus "
+                               f"{plus.path} (different architectures?)")
+        check_shapes(self.to_minus, plus, minus, "plus", "minus")
+        self.fast = (isinstance(plus, Zero3Checkpoint) and isinstance(minus, Zero3Checkpoint)
+                     and plus.layout.same_flat_layout(minus.layout))
+
+    def names(self) -> list[str]:
+        return self.plus.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.plus.shape(name)
+
+    def terms(self, name: str, alpha: float = 1.0) -> list:
+        """plus terms with +alpha, minus terms with -alpha. With the same flat layout both sides
+        have identical rank segments, so each chunk subtracts at identical flat offsets, rank
+        file by rank file; otherwise minus is read through its own named ranges."""
+        return self.plus.terms(name, alpha) + self.minus.terms(self.to_minus[name], -alpha)
+
+    def prefetch(self, name: str) -> None:
+        self.plus.prefetch(name)
+        self.minus.prefetch(self.to_minus[name])
+
+    def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
+        """out += alpha * (plus - minus), or = plus - minus when copy."""
+        accumulate(out, self.terms(name, 1.0 if copy else alpha), copy_first=copy)
+
+    def __repr__(self) -> str:
+        return f"vector {self.path} (fast flat path: {self.fast})"
+
+
+def open_vector_arg(text: str):
+    """`VEC` (a saved vector folder) or `PLUS,MINUS` (two checkpoints, subtracted on the fly)."""
+    if "," in text:
+        plus, minus = text.split(",", 1)
+        return DiffSource(open_source(plus, "plus"), open_source(minus, "minus"))
+    src = open_source(text, "vector")
+    if src.kind != "vector":
+        raise PrefvecError(f"vector {text}: no {VECTOR_MANIFEST} (expected a folder written by "
+                           "`prefvec vector`, or PLUS_CKPT,MINUS_CKPT)")
+    return src
