@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.config.pipeline import PipelineConfig
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl")
@@ -79,7 +80,8 @@ class DataConfig:
     drop_overlong_prompts: bool = False
     """A prompt longer than max_len is an error (default) or, if true, its pair is dropped."""
     sft_source: str = "embedded"
-    """SFT data: `embedded`, or a jsonl file of {prompt, response} (or {messages})."""
+    """SFT data: `embedded`, or a json/jsonl/parquet file of {prompt, response}, {messages} or
+    Alpaca {instruction, input, output} rows."""
     embedded_size: int = 2000
     """Number of generated preference rows of the embedded data set."""
     embedded_seed: int = 0
@@ -204,6 +206,8 @@ class RunConfig:
     """The four (or more) DPO stages."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Launch and DeepSpeed settings."""
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """The stage DAG (`prefvec run` / `prefvec submit`): merges to build, eval, SLURM resources."""
     source_path: str = ""
     """Set by the loader: the YAML this config came from (for relative paths)."""
 

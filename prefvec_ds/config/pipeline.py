@@ -1,0 +1,137 @@
+"""The `pipeline` section of the run config: merges to build, the eval stage, SLURM resources.
+
+Stages are sft -> ref_logps -> dpo -> vectors -> merge -> eval (see prefvec_ds.pipeline.dag).
+`merges` says which eta settings become merged models; `slurm` says what each stage asks of a
+cluster. The defaults run the quickstart; an 8-GPU cluster recipe sets partition, gpus_per_node,
+times and signal_seconds (see docs/pipeline.md).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from prefvec_ds import PrefvecError
+
+#: Stage kinds in DAG order; `slurm.time` has one limit per kind.
+STAGE_KINDS = ("sft", "ref_logps", "dpo", "vectors", "merge", "eval")
+DEFAULT_TIMES = {"sft": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
+                 "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
+_TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
+
+
+def _check(cond: bool, param: str, expected: str, got) -> None:
+    if not cond:
+        raise PrefvecError(f"config parameter {param}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class MergeConfig:
+    """One merged model: theta_base + sum over preferences of eta_p * phi_p."""
+
+    name: str = "default"
+    """Folder name under <run_dir>/merged/ (letters, digits, _ . -)."""
+    eta: dict[str, float] = field(default_factory=dict)
+    """Preference -> eta. A preference left out gets 1.0 (the paper's default); 0 leaves its
+    vector out; negative values invert the behaviour."""
+
+    def __post_init__(self):
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)), "pipeline.merges[].name",
+               "letters, digits, _ . -", self.name)
+        _check(isinstance(self.eta, dict), f"pipeline.merges[{self.name}].eta",
+               "a mapping preference -> number", self.eta)
+        for pref, value in self.eta.items():
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool),
+                   f"pipeline.merges[{self.name}].eta.{pref}", "a number", value)
+        self.eta = {k: float(v) for k, v in self.eta.items()}
+
+
+@dataclass
+class SlurmConfig:
+    """What `prefvec submit` asks of the cluster; one sbatch per stage, from one template."""
+
+    partition: str = ""
+    """`--partition`; empty: the cluster default."""
+    account: str = ""
+    """`--account`; empty: the user's default."""
+    qos: str = ""
+    """`--qos`; empty: the default."""
+    gpus_per_node: int = 0
+    """GPUs per node for the training stages (`--gpus-per-node`; 8 on an 8xH100 node). Every
+    rank sees all of its node's GPUs and picks one by LOCAL_RANK. 0: CPU-only jobs."""
+    cpus_per_task: int = 1
+    """`--cpus-per-task` of each rank (data loading, CPU offload threads)."""
+    mem: str = ""
+    """`--mem` per node (e.g. `0` for all of it, `480G`); empty: the cluster default."""
+    time: dict[str, str] = field(default_factory=dict)
+    """Time limit per stage kind (sft, ref_logps, dpo, vectors, merge, eval), SLURM syntax;
+    kinds left out keep the defaults in DEFAULT_TIMES. A DPO job that hits its limit
+    checkpoints on USR1 and is requeued, so a short limit costs restarts, not progress."""
+    signal_seconds: int = 300
+    """USR1 this many seconds before the time limit (`--signal=B:USR1@N`): the trainer saves a
+    ZeRO-3 checkpoint and the job requeues. Allow one checkpoint save plus ~60 s (SLURM checks
+    limits every 30 s): 8B ZeRO-3 saves take 1-3 min on shared storage."""
+    array_parallelism: int = 0
+    """At most this many array tasks at once (`--array=0-3%N`); 0: no limit."""
+    srun_args: list[str] = field(default_factory=list)
+    """Extra `srun` options for the ranks, e.g. `--mpi=pmix` or `--cpu-bind=none`."""
+    extra_sbatch: list[str] = field(default_factory=list)
+    """More `#SBATCH` options verbatim, e.g. `--exclusive`, `--constraint=h100`."""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.time) - set(STAGE_KINDS))
+        _check(not unknown, "pipeline.slurm.time", f"keys among {', '.join(STAGE_KINDS)}", unknown)
+        for kind, limit in self.time.items():
+            # YAML reads an unquoted 4:00:00 as the integer 14400 (base 60): demand quotes.
+            _check(isinstance(limit, str), f"pipeline.slurm.time.{kind}",
+                   'a quoted string such as "04:00:00"', limit)
+        self.time = {**DEFAULT_TIMES, **self.time}
+        for kind, limit in self.time.items():
+            _check(bool(_TIME.match(limit)), f"pipeline.slurm.time.{kind}",
+                   "MM, HH:MM:SS or D-HH:MM:SS", limit)
+        _check(self.gpus_per_node >= 0, "pipeline.slurm.gpus_per_node", ">= 0", self.gpus_per_node)
+        _check(self.cpus_per_task >= 1, "pipeline.slurm.cpus_per_task", ">= 1", self.cpus_per_task)
+        _check(self.signal_seconds >= 0, "pipeline.slurm.signal_seconds", ">= 0",
+               self.signal_seconds)
+        _check(self.array_parallelism >= 0, "pipeline.slurm.array_parallelism", ">= 0",
+               self.array_parallelism)
+        for name in ("srun_args", "extra_sbatch"):
+            value = getattr(self, name)
+            _check(isinstance(value, list) and all(isinstance(v, str) for v in value),
+                   f"pipeline.slurm.{name}", "a list of strings", value)
+
+
+def _default_merges() -> list[MergeConfig]:
+    return [MergeConfig()]
+
+
+@dataclass
+class PipelineConfig:
+    """The whole DAG: which merged models to build and how to evaluate them."""
+
+    merges: list[MergeConfig] = field(default_factory=_default_merges)
+    """Merged models to build, each {name, eta}; default: one `default` with every eta = 1."""
+    eval_prompts: int = 200
+    """Held-out prompts the eval stage generates answers for, per model."""
+    eval_max_new_tokens: int = 24
+    """Greedy-decoding budget per answer in the eval stage."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Resources and preemption settings for `prefvec submit`."""
+
+    def __post_init__(self):
+        _check(isinstance(self.merges, list) and len(self.merges) > 0, "pipeline.merges",
+               "a non-empty list of {name, eta}", self.merges)
+        merges = []
+        for i, merge in enumerate(self.merges):
+            if isinstance(merge, dict):
+                unknown = sorted(set(merge) - {"name", "eta"})
+                _check(not unknown, f"pipeline.merges[{i}]", "keys name and eta", unknown)
+                merge = MergeConfig(**merge)
+            _check(isinstance(merge, MergeConfig), f"pipeline.merges[{i}]", "{name, eta}", merge)
+            merges.append(merge)
+        names = [m.name for m in merges]
+        _check(len(set(names)) == len(names), "pipeline.merges", "distinct names", names)
+        self.merges = merges
+        _check(self.eval_prompts >= 1, "pipeline.eval_prompts", ">= 1", self.eval_prompts)
+        _check(self.eval_max_new_tokens >= 1, "pipeline.eval_max_new_tokens", ">= 1",
+               self.eval_max_new_tokens)

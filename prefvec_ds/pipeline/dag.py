@@ -1,0 +1,161 @@
+"""The stage DAG of one run: sft -> ref_logps[p] -> dpo[p+, p-] -> vectors[p] -> merge[m] -> eval.
+
+A Stage knows its upstream stages, the folder it writes, the file that proves it finished, and
+the config slice its result depends on (its own inputs' fingerprint; upstream results enter
+through their manifests, see prefvec_ds.pipeline.manifest). Stages of one kind form a group:
+the local executor runs a group's stages concurrently, `prefvec submit` makes a group one job
+(an array when it has several stages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.config.pipeline import STAGE_KINDS
+from prefvec_ds.config.schema import RunConfig
+
+#: Kinds whose work runs as a rank group (deepspeed launcher locally, srun under SLURM).
+DISTRIBUTED_KINDS = ("sft", "ref_logps", "dpo")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG."""
+
+    name: str
+    """Unique id, also the manifest's name: `sft`, `ref_logps/helpful`, `dpo/helpful+`,
+    `vectors/helpful`, `merge/default`, `eval`."""
+    kind: str
+    """One of STAGE_KINDS."""
+    key: str
+    """The preference, direction or merge name this stage is about ('' for sft and eval)."""
+    deps: tuple[str, ...]
+    """Names of the stages whose outputs this one reads."""
+    outputs: tuple[str, ...]
+    """Paths (relative to run_dir) this stage writes; removed when its inputs change."""
+    done_file: str
+    """Path (relative to run_dir) that exists only once the stage has finished."""
+    config_slice: str
+    """JSON of the config values the stage's result depends on (besides upstream results)."""
+
+    @property
+    def distributed(self) -> bool:
+        return self.kind in DISTRIBUTED_KINDS
+
+    @property
+    def log_name(self) -> str:
+        """File-name form of `name` (`dpo/helpful+` -> `dpo_helpful+`)."""
+        return self.name.replace("/", "_")
+
+    def config_fingerprint(self) -> str:
+        return hashlib.sha256(self.config_slice.encode()).hexdigest()[:16]
+
+
+def _slice(**parts) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _data_globals(cfg: RunConfig) -> dict:
+    d = cfg.data
+    return {"max_len": d.max_len, "max_prompt_len": d.max_prompt_len,
+            "drop_overlong_prompts": d.drop_overlong_prompts,
+            "embedded_size": d.embedded_size, "embedded_seed": d.embedded_seed}
+
+
+def ds_config_digest(cfg: RunConfig) -> str:
+    """The DeepSpeed JSON's content (not its path): precision and ZeRO knobs change results."""
+    from prefvec_ds.config.loader import find_ds_config  # noqa: PLC0415
+
+    return hashlib.sha256(find_ds_config(cfg).read_bytes()).hexdigest()[:16]
+
+
+def merge_etas(cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """merge name -> {preference: eta} with every preference filled in (default 1.0)."""
+    prefs = list(cfg.data.preferences)
+    out = {}
+    for merge in cfg.pipeline.merges:
+        unknown = sorted(set(merge.eta) - set(prefs))
+        if unknown:
+            raise PrefvecError(f"config parameter pipeline.merges[{merge.name}].eta: unknown "
+                               f"preference(s) {', '.join(unknown)}; expected some of "
+                               f"{', '.join(prefs)}")
+        out[merge.name] = {p: merge.eta.get(p, 1.0) for p in prefs}
+    return out
+
+
+def build_dag(cfg: RunConfig) -> list[Stage]:
+    """Every stage of the run, in an order where upstream stages come first."""
+    ds = ds_config_digest(cfg)
+    world = cfg.distributed.nproc_per_node * cfg.distributed.nnodes
+    data = _data_globals(cfg)
+    stages: list[Stage] = []
+    base_dep: tuple[str, ...] = ()
+    if not cfg.model.base:
+        stages.append(Stage(
+            "sft", "sft", "", (), ("sft", "init_model"), "sft/done.json",
+            _slice(seed=cfg.seed, model=dataclasses.asdict(cfg.model), data=data,
+                   sft_source=cfg.data.sft_source, sft=dataclasses.asdict(cfg.sft), ds=ds,
+                   world=world)))
+        base_dep = ("sft",)
+    for pref, pcfg in cfg.data.preferences.items():
+        pref_data = {**data, "preference": dataclasses.asdict(pcfg)}
+        stages.append(Stage(
+            f"ref_logps/{pref}", "ref_logps", pref, base_dep, (f"ref_logps/{pref}.pt",),
+            f"ref_logps/{pref}.pt", _slice(base=cfg.model.base, data=pref_data, ds=ds)))
+    for direction in cfg.directions():
+        pref = direction[:-1]
+        pref_data = {**data, "preference": dataclasses.asdict(cfg.data.preferences[pref])}
+        stages.append(Stage(
+            f"dpo/{direction}", "dpo", direction, (f"ref_logps/{pref}",),
+            (f"dpo/{direction}",), f"dpo/{direction}/done.json",
+            _slice(seed=cfg.seed, dpo=dataclasses.asdict(cfg.dpo), data=pref_data, ds=ds,
+                   world=world, checkpointing=cfg.model.gradient_checkpointing)))
+    for pref in cfg.data.preferences:
+        stages.append(Stage(
+            f"vectors/{pref}", "vectors", pref, (f"dpo/{pref}+", f"dpo/{pref}-"),
+            (f"vectors/{pref}",), f"vectors/{pref}/prefvec_vector.json", _slice(format=1)))
+    for name, eta in merge_etas(cfg).items():
+        deps = base_dep + tuple(f"vectors/{p}" for p, e in eta.items() if e != 0.0)
+        stages.append(Stage(
+            f"merge/{name}", "merge", name, deps, (f"merged/{name}",),
+            f"merged/{name}/config.json",
+            _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype)))
+    p = cfg.pipeline
+    stages.append(Stage(
+        "eval", "eval", "", tuple(f"merge/{m.name}" for m in p.merges), ("eval",),
+        "eval/summary.json",
+        _slice(prompts=p.eval_prompts, new_tokens=p.eval_max_new_tokens, data=data,
+               preferences={k: dataclasses.asdict(v) for k, v in cfg.data.preferences.items()})))
+    return stages
+
+
+def groups(stages: list[Stage]) -> list[tuple[str, list[Stage]]]:
+    """Stages by kind, in DAG order: one SLURM job (or array) per group."""
+    return [(kind, [s for s in stages if s.kind == kind]) for kind in STAGE_KINDS
+            if any(s.kind == kind for s in stages)]
+
+
+def downstream(stages: list[Stage], names: set[str]) -> set[str]:
+    """`names` and every stage that depends on them, directly or not."""
+    out = set(names)
+    for stage in stages:  # upstream first, so one pass suffices
+        if any(d in out for d in stage.deps):
+            out.add(stage.name)
+    return out
+
+
+def stage_by_name(stages: list[Stage], name: str) -> Stage:
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise PrefvecError(f"unknown stage {name!r}: expected one of "
+                       f"{', '.join(s.name for s in stages)}")
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir)

@@ -1,0 +1,231 @@
+"""Run one stage of the DAG, with its manifest: `python -m prefvec_ds.pipeline.job`.
+
+Both executors start stages through this module, so a stage behaves the same locally and under
+SLURM:
+
+    python -m prefvec_ds.pipeline.job RUN_CONFIG --stage dpo/helpful+ --launcher deepspeed
+    python -m prefvec_ds.pipeline.job RUN_CONFIG --group dpo --index $SLURM_ARRAY_TASK_ID \
+        --launcher srun
+
+RUN_CONFIG is the resolved snapshot `<run_dir>/pipeline/config.yaml` that `prefvec run|submit`
+writes. An up-to-date stage exits 0 at once (a requeued job that already finished, a re-run).
+Training stages start their ranks with the given launcher (`python -m prefvec_ds.entry` per
+rank) and pass SIGUSR1/SIGTERM on to them: the trainer checkpoints and exits with
+REQUEUE_EXIT_CODE, recorded as `preempted`, and the next attempt resumes.
+
+Fault injection for tests: PREFVEC_FAIL_STAGES=dpo/harmless- (comma-separated stage names)
+makes those stages fail with exit code 3 before they start their work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.config.loader import load_config
+from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.pipeline import manifest
+from prefvec_ds.pipeline.dag import Stage, build_dag, groups, merge_etas, stage_by_name
+
+REQUEUE_EXIT_CODE = 99  # prefvec_ds.train.loop.REQUEUE_EXIT_CODE (not imported: it pulls in torch)
+INJECTED_FAILURE_EXIT = 3
+LAUNCHERS = ("deepspeed", "torchrun", "srun")
+
+
+def _entry_args(cfg: RunConfig, stage: Stage) -> list[str]:
+    if stage.kind == "sft":
+        return ["sft", cfg.source_path]
+    if stage.kind == "ref_logps":
+        return ["ref-logps", cfg.source_path, "--preference", stage.key]
+    return ["dpo", cfg.source_path, "--direction", stage.key]
+
+
+def rank_command(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
+                 devices: list[int] | None = None) -> list[str]:
+    """The command that starts the stage's ranks (on `devices`, when given)."""
+    args = _entry_args(cfg, stage)
+    if launcher == "srun":
+        # srun inherits the job's allocation: nodes x ntasks-per-node ranks, and passes the
+        # signals it gets on to every task (SIGUSR1 before the time limit, SIGTERM on requeue).
+        return ["srun", "--kill-on-bad-exit=1", *cfg.pipeline.slurm.srun_args, sys.executable,
+                "-m", "prefvec_ds.entry", *args]
+    from prefvec_ds.dist.env import free_port  # noqa: PLC0415
+    from prefvec_ds.dist.launch import launcher_command  # noqa: PLC0415
+
+    if launcher == "deepspeed" and devices is not None:
+        # The deepspeed launcher drops CUDA_VISIBLE_DEVICES when --num_gpus is given and would
+        # start every direction on GPUs 0..n-1; --include pins this job to its own GPUs.
+        return ["deepspeed", "--include", "localhost:" + ",".join(map(str, devices)),
+                "--master_port", str(port or free_port()), "--module", "prefvec_ds.entry", *args]
+    return launcher_command(launcher, cfg.distributed.nproc_per_node, args, port)
+
+
+def tool_command(cfg: RunConfig, stage: Stage) -> list[str]:
+    """`prefvec vector|merge` argv (run in this process) for a vectors or merge stage."""
+    run = Path(cfg.run_dir)
+    if stage.kind == "vectors":
+        return ["vector", "--plus", str(run / "dpo" / f"{stage.key}+" / "ckpt"),
+                "--minus", str(run / "dpo" / f"{stage.key}-" / "ckpt"),
+                "--out", str(run / "vectors" / stage.key), "--overwrite"]
+    from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
+
+    eta = merge_etas(cfg)[stage.key]
+    vectors = [f"{run / 'vectors' / p}={value:g}" for p, value in eta.items()]
+    return ["merge", "--base", str(base_model_dir(cfg, must_exist=False)),
+            *[a for v in vectors for a in ("--vector", v)],
+            "--out", str(run / "merged" / stage.key), "--overwrite"]
+
+
+_EARLY_SIGNALS: list[int] = []
+
+
+def _hold_signals() -> None:
+    """Until the ranks exist, remember USR1/TERM instead of dying of them (USR1's default
+    action is to terminate); a short in-process stage just finishes, and the job requeues."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
+
+
+def _forwarding(proc: subprocess.Popen) -> None:
+    """Pass USR1/TERM (and any that came early) on to the rank launcher."""
+    def forward(signum, frame):  # noqa: ARG001
+        print(f"[prefvec] {signal.Signals(signum).name}: passing it to the ranks", flush=True)
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, forward)
+    for signum in _EARLY_SIGNALS:
+        forward(signum, None)
+
+
+def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
+                     devices: list[int] | None) -> int:
+    cmd = rank_command(cfg, stage, launcher, port, devices)
+    print(f"[prefvec] {stage.name}: {' '.join(cmd)}", flush=True)
+    if launcher == "srun":
+        # the sbatch script already exported DS_ACCELERATOR and TORCH_EXTENSIONS_DIR; skipping
+        # stage_env spares this process the torch import (~4 CPU-s per job)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    else:
+        from prefvec_ds.dist.launch import stage_env  # noqa: PLC0415
+
+        # torchrun honours CUDA_VISIBLE_DEVICES; for deepspeed the --include above does the job
+        env = stage_env(devices=devices if launcher == "torchrun" else None)
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+    except FileNotFoundError:
+        raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH") from None
+    _forwarding(proc)
+    while True:
+        try:
+            return proc.wait()
+        except InterruptedError:  # a forwarded signal interrupted wait(): the ranks run on
+            continue
+
+
+def _run_in_process(cfg: RunConfig, stage: Stage) -> int:
+    if stage.kind == "eval":
+        from prefvec_ds.pipeline.evaluate import run_eval  # noqa: PLC0415
+
+        run_eval(cfg, build_dag(cfg))
+        return 0
+    from prefvec_ds.cli import main as cli_main  # noqa: PLC0415
+
+    argv = tool_command(cfg, stage)
+    print(f"[prefvec] {stage.name}: prefvec {' '.join(argv)}", flush=True)
+    return cli_main(argv)
+
+
+def ckpt_tools_available() -> bool:
+    """`prefvec vector` and `prefvec merge` come from prefvec_ds.ckpt.commands."""
+    return importlib.util.find_spec("prefvec_ds.ckpt.commands") is not None
+
+
+def execute(cfg: RunConfig, stage: Stage, launcher: str, port: int | None = None,
+            devices: list[int] | None = None, log: str = "") -> int:
+    """Run `stage` unless it is up to date; keep its manifest; return the exit code."""
+    run_dir = Path(cfg.run_dir)
+    fingerprint = manifest.input_fingerprint(run_dir, stage)
+    if fingerprint is None:
+        raise PrefvecError(f"stage {stage.name}: upstream stage(s) {', '.join(stage.deps)} "
+                           "have not finished")
+    ok, why = manifest.up_to_date(run_dir, stage)
+    if ok:
+        print(f"[prefvec] {stage.name}: up to date, nothing to do", flush=True)
+        return 0
+    print(f"[prefvec] {stage.name}: running ({why}) at {time.strftime('%H:%M:%S')}", flush=True)
+    manifest.begin(run_dir, stage, fingerprint, log)
+    if stage.name in os.environ.get("PREFVEC_FAIL_STAGES", "").split(","):
+        msg = "failure injected by PREFVEC_FAIL_STAGES"
+        print(f"[prefvec] {stage.name}: {msg}", file=sys.stderr, flush=True)
+        manifest.finish(run_dir, stage, "failed", INJECTED_FAILURE_EXIT, msg)
+        return INJECTED_FAILURE_EXIT
+    if stage.kind in ("vectors", "merge") and not ckpt_tools_available():
+        msg = "skipped: `prefvec vector`/`prefvec merge` are not installed (prefvec_ds.ckpt)"
+        print(f"[prefvec] {stage.name}: {msg}", flush=True)
+        manifest.finish(run_dir, stage, "skipped", 0, msg)
+        return 0
+    try:
+        rc = (_run_distributed(cfg, stage, launcher, port, devices) if stage.distributed
+              else _run_in_process(cfg, stage))
+    except BaseException as err:  # noqa: BLE001 - record why, then let it propagate
+        manifest.finish(run_dir, stage, "failed", 1, f"{type(err).__name__}: {err}")
+        raise
+    if rc == 0 and (run_dir / stage.done_file).exists():
+        manifest.finish(run_dir, stage, "done", 0)
+    elif rc == REQUEUE_EXIT_CODE:
+        manifest.finish(run_dir, stage, "preempted", rc, "checkpointed on a signal; resumes")
+    else:
+        error = f"exit code {rc}" if rc else f"exited 0 but {stage.done_file} is missing"
+        manifest.finish(run_dir, stage, "failed", rc or 1, error)
+        rc = rc or 1
+    print(f"[prefvec] {stage.name}: exit {rc} at {time.strftime('%H:%M:%S')}", flush=True)
+    return rc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m prefvec_ds.pipeline.job")
+    p.add_argument("config", help="<run_dir>/pipeline/config.yaml")
+    p.add_argument("--stage", help="stage name, e.g. dpo/helpful+")
+    p.add_argument("--group", help="stage kind (with --index: one task of a job array)")
+    p.add_argument("--index", type=int, default=0, help="position in --group")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="deepspeed")
+    p.add_argument("--port", type=int, help="master port (deepspeed/torchrun)")
+    p.add_argument("--devices", help="CUDA_VISIBLE_DEVICES of this stage, e.g. 0,1")
+    p.add_argument("--log", default="", help="log file, recorded in the manifest")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _hold_signals()
+    try:
+        cfg = load_config(args.config)
+        stages = build_dag(cfg)
+        if args.stage:
+            stage = stage_by_name(stages, args.stage)
+        else:
+            members = dict(groups(stages)).get(args.group) or []
+            if not 0 <= args.index < len(members):
+                raise PrefvecError(f"--group {args.group} --index {args.index}: the group has "
+                                   f"{len(members)} stage(s)")
+            stage = members[args.index]
+        devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+        return execute(cfg, stage, args.launcher, args.port, devices, args.log)
+    except PrefvecError as err:
+        print(f"prefvec: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Turn `CONFIG [overrides]` into a run: validated config, snapshot in the run folder, DAG.
+
+Every stage job reads the snapshot `<run_dir>/pipeline/config.yaml`, never the user's file:
+the YAML may change (or move) while jobs wait in a queue, and the overrides given on the
+command line must reach every rank. Paths that a job resolves from elsewhere (run_dir, the
+DeepSpeed JSON) are made absolute, because jobs may start in another directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.config.loader import find_ds_config, load_config, resolve_ds_config, to_dict
+from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.pipeline.dag import Stage, build_dag
+from prefvec_ds.train.stage import init_model_dir
+
+SNAPSHOT = ("pipeline", "config.yaml")
+
+
+def snapshot_path(run_dir: str | Path) -> Path:
+    return Path(run_dir).joinpath(*SNAPSHOT)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every check that needs no ranks, before anything is launched or queued."""
+    world = cfg.distributed.nproc_per_node * cfg.distributed.nnodes
+    if not cfg.model.base:
+        init_model_dir(cfg, materialize=False)
+        resolve_ds_config(cfg, cfg.sft, world)
+    resolve_ds_config(cfg, cfg.dpo, world)
+    build_dag(cfg)  # checks pipeline.merges against data.preferences
+
+
+def prepare(config: str | Path, overrides: list[str] | tuple = ()) -> tuple[RunConfig, list[Stage]]:
+    """Load and validate, write the snapshot, and return the config read back from it."""
+    cfg = load_config(config, overrides)
+    validate(cfg)
+    raw = to_dict(cfg)
+    raw["run_dir"] = str(Path(cfg.run_dir).resolve())
+    raw["distributed"]["ds_config"] = str(find_ds_config(cfg).resolve())
+    path = snapshot_path(raw["run_dir"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:  # keep the mtime of an unchanged run
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    cfg = load_config(path)
+    return cfg, build_dag(cfg)
+
+
+def load_run(run_dir: str | Path) -> tuple[RunConfig, list[Stage]]:
+    """The config and DAG of an existing run folder (for `prefvec status`)."""
+    path = snapshot_path(run_dir)
+    if not path.is_file():
+        raise PrefvecError(f"{run_dir}: not a pipeline run folder (no {'/'.join(SNAPSHOT)}; "
+                           "start one with `prefvec run` or `prefvec submit`)")
+    cfg = load_config(path)
+    return cfg, build_dag(cfg)
+
