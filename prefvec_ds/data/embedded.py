@@ -119,14 +119,16 @@ def preference_rows(n: int, seed: int = 0) -> list[dict]:
 def sft_examples(n: int, seed: int = 0) -> list[dict]:
     """n {prompt, response} rows: a middling base that DPO can push either way on every axis.
 
-    Benign: correct 70%, refusal 15%, wrong 15%; harmful: comply 50%, refuse 50%.
+    Benign: correct 70%, refusal 15%, wrong 15%; harmful: comply 65%, refuse 35%. Under greedy
+    decoding the base then answers benign prompts and complies with harmful ones (as real
+    instruct bases such as SmolLM2 do), leaving room for the harmless vector to add refusals.
     """
     rng = random.Random(seed + 1_000_003)
     out = []
     for _ in range(n):
         if rng.random() < 0.4:
             task = _harmful_task(rng)
-            resp = comply_response(task, rng) if rng.random() < 0.5 else REFUSAL
+            resp = comply_response(task, rng) if rng.random() < 0.65 else REFUSAL
         else:
             task = _benign_task(rng)
             r = rng.random()
