@@ -63,6 +63,11 @@ def _build(cls, raw, where: str):
 def _coerce(hint, value, where: str):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 5e-5 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint):
         raise PrefvecError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

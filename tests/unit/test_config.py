@@ -12,6 +12,7 @@ QUICKSTART = REPO / "recipes" / "quickstart.yaml"
 def test_dotted_overrides_are_typed_and_validated():
     cfg = load_config(QUICKSTART, ["dpo.beta=0.05", "data.preferences.helpful.eval_fraction=0.2"])
     assert cfg.dpo.beta == 0.05
+    assert load_config(QUICKSTART, ["dpo.lr=5e-5"]).dpo.lr == 5e-5  # YAML 1.1 gives a string
     assert cfg.data.preferences["helpful"].eval_fraction == 0.2
     assert cfg.directions() == ["helpful+", "helpful-", "harmless+", "harmless-"]
     with pytest.raises(PrefvecError, match=r"dpo.beta: expected > 0"):
