@@ -44,8 +44,6 @@ def apply_vectors(model, vectors: Mapping[object, float], sign: float = 1.0) -> 
     Every vector is opened and checked (names, shapes) before any parameter is changed, so a
     bad vector leaves the model untouched.
     """
-    import torch
-
     target = _ModelNames(model)
     plans = []
     for vec_arg, eta in vectors.items():

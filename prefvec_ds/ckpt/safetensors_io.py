@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
-from prefvec_ds.ckpt.segments import Segment, accumulate, prefetch_segments, pread_into
+from prefvec_ds.ckpt.segments import Segment, SegmentSource, pread_into
 
 _DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
            "F64": ("float64", 8), "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2),
@@ -68,7 +68,7 @@ def _read_header(path: Path) -> dict[str, Entry]:
     return entries
 
 
-class SafetensorsFolder:
+class SafetensorsFolder(SegmentSource):
     """A HF model folder or a prefvec vector folder: named tensors in one or more shards."""
 
     kind = "safetensors"
@@ -116,16 +116,6 @@ class SafetensorsFolder:
     def segments(self, name: str) -> list[Segment]:
         e = self.entries[name]
         return [Segment(0, math.prod(e.shape), e.dtype, e.file, e.start)]
-
-    def terms(self, name: str, alpha: float = 1.0) -> list:
-        return [(self.segments(name), alpha)]
-
-    def prefetch(self, name: str) -> None:
-        prefetch_segments(self.segments(name))
-
-    def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
-        """out (flat fp32) += alpha * tensor, or = tensor when copy; chunked preadv."""
-        accumulate(out, self.terms(name, 1.0 if copy else alpha), copy_first=copy)
 
     def read(self, name: str):
         """The tensor as stored (its own dtype), flat; a fresh allocation."""

@@ -160,3 +160,18 @@ def chunked_dot(a, b) -> float:
         n = min(CHUNK_ELEMS, a.numel() - c0)
         total += float(torch.dot(a.narrow(0, c0, n), b.narrow(0, c0, n)))
     return total
+
+
+class SegmentSource:
+    """Mixin for tensor sources that describe a tensor as Segments (`self.segments(name)`):
+    the read paths (prefetch, accumulate into an fp32 buffer) are the same for every source."""
+
+    def terms(self, name: str, alpha: float = 1.0) -> list:
+        return [(self.segments(name), alpha)]
+
+    def prefetch(self, name: str) -> None:
+        prefetch_segments(self.segments(name))
+
+    def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
+        """out (flat fp32, numel) += alpha * tensor, or = tensor when copy; chunked reads."""
+        accumulate(out, self.terms(name, 1.0 if copy else alpha), copy_first=copy)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.safe_load import load_pickle_file, mapped_file_offset
-from prefvec_ds.ckpt.segments import Segment, accumulate, prefetch_segments
+from prefvec_ds.ckpt.segments import Segment, SegmentSource
 
 _RANK_FILE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 _SAFETENSORS_CODE = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
@@ -125,7 +125,7 @@ def _build_layout(path: Path, states: dict, world: int) -> Zero3Layout:
                        list(states.get("buffer_names") or []))
 
 
-class Zero3Checkpoint:
+class Zero3Checkpoint(SegmentSource):
     """One ZeRO-3 checkpoint: layout eagerly (small), rank optimizer files lazily (mmap)."""
 
     kind = "zero3"
@@ -242,16 +242,6 @@ class Zero3Checkpoint:
             raise PrefvecError(f"folder {self.tag_dir}: frozen parameter {name}: fragments hold "
                                f"{pos} of {numel} elements")
         return segs
-
-    def terms(self, name: str, alpha: float = 1.0) -> list:
-        return [(self.segments(name), alpha)]
-
-    def prefetch(self, name: str) -> None:
-        prefetch_segments(self.segments(name))
-
-    def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
-        """out (flat fp32, numel) += alpha * param, or = param when copy."""
-        accumulate(out, self.terms(name, 1.0 if copy else alpha), copy_first=copy)
 
     def buffers(self) -> dict:
         """Persistent buffers (full tensors on every rank; taken from rank 0)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from prefvec_ds import PrefvecError
+from prefvec_ds.config.checks import check as _check
 
 #: Stage kinds in DAG order; `slurm.time` has one limit per kind.
 STAGE_KINDS = ("sft", "ref_logps", "dpo", "vectors", "merge", "eval")
@@ -19,10 +19,6 @@ DEFAULT_TIMES = {"sft": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
                  "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 
-
-def _check(cond: bool, param: str, expected: str, got) -> None:
-    if not cond:
-        raise PrefvecError(f"config parameter {param}: expected {expected}, got {got!r}")
 
 
 @dataclass

@@ -9,15 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.config.checks import check as _check
 from prefvec_ds.config.pipeline import PipelineConfig
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl")
 
-
-def _check(cond: bool, param: str, expected: str, got) -> None:
-    if not cond:
-        raise PrefvecError(f"config parameter {param}: expected {expected}, got {got!r}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ one tensor at a time from the HF folder's safetensors: rank 0 reads a tensor (mm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -211,17 +212,13 @@ def export_hf(engine, out_dir: Path, dtype: torch.dtype, max_shard_bytes: int = 
     specs = [TensorSpec(n, tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape), dtype)
              for n, p in params]
     is_dst = rank() == 0
-    writer = ShardedSafetensorsWriter(out_dir, specs, max_shard_bytes) if is_dst else None
-    if is_dst:
-        writer.__enter__()
-    try:
+    writer = (ShardedSafetensorsWriter(out_dir, specs, max_shard_bytes) if is_dst
+              else contextlib.nullcontext())
+    with writer:
         for name, param in params:
             with deepspeed.zero.GatheredParameters([param]):
                 if is_dst:
                     writer.write(name, param.data.detach().to(dtype))
-    finally:
-        if is_dst:
-            writer.__exit__(None, None, None)
     if is_dst:
         module.config.save_pretrained(out_dir)
         if getattr(module, "generation_config", None) is not None:

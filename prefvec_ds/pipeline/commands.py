@@ -9,22 +9,21 @@ from prefvec_ds import PrefvecError
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("run", help="run the whole pipeline on this machine",
-                       description="Run sft -> ref_logps -> dpo (directions concurrently) -> "
-                       "vectors -> merge -> eval here; finished stages are skipped, interrupted "
-                       "ones resume, stages whose inputs changed are redone.")
-    p.add_argument("config", help="run config YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
-    p.set_defaults(func=run_pipeline)
-
-    p = sub.add_parser("submit", help="submit the pipeline to SLURM (one job per stage)",
-                       description="One sbatch per stage from slurm/job.sbatch.tmpl; the DPO "
-                       "directions as one job array; stages chained with afterok.")
-    p.add_argument("config", help="run config YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, submit nothing")
-    p.set_defaults(func=submit_pipeline)
+    executors = (
+        ("run", run_pipeline, "run the whole pipeline on this machine",
+         "Run sft -> ref_logps -> dpo (directions concurrently) -> vectors -> merge -> eval "
+         "here; finished stages are skipped, interrupted ones resume, stages whose inputs "
+         "changed are redone.", "print the plan, run nothing"),
+        ("submit", submit_pipeline, "submit the pipeline to SLURM (one job per stage)",
+         "One sbatch per stage from slurm/job.sbatch.tmpl; the DPO directions as one job "
+         "array; stages chained with afterok.", "print the plan, submit nothing"),
+    )
+    for name, func, help_text, description, dry_help in executors:
+        p = sub.add_parser(name, help=help_text, description=description)
+        p.add_argument("config", help="run config YAML (see recipes/)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05")
+        p.add_argument("--dry-run", action="store_true", help=dry_help)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="state of every stage of a run folder",
                        description="Manifests plus squeue/sacct: done, running, pending, "

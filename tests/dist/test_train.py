@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import torch
 
 from tests.dist.conftest import metrics, prefvec, write_config
 

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.merge import merge_vectors
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
 from prefvec_ds.ckpt.sources import open_vector, open_vector_arg
