@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.schema import OptimConfig, PreferenceConfig, RunConfig
 
 PACKAGE_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -106,15 +107,9 @@ def save_resolved(cfg: RunConfig, folder: Path, ds_config: dict | None = None) -
     """Write config.yaml (and ds_config.json) into a run folder, atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(folder / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     if ds_config is not None:
-        _atomic_write(folder / "ds_config.json", json.dumps(ds_config, indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        write_text_atomic(folder / "ds_config.json", json.dumps(ds_config, indent=2))
 
 
 def find_ds_config(cfg: RunConfig) -> Path:

@@ -17,7 +17,8 @@ from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages, is_held_out
 from prefvec_ds.data.sources import load_preference
 from prefvec_ds.pipeline.dag import Stage, merge_etas
-from prefvec_ds.train.stage import base_model_dir, write_json_atomic
+from prefvec_ds.atomic import write_json_atomic
+from prefvec_ds.train.stage import base_model_dir
 
 AXES = ("helpful", "harmless", "over_refusal", "verbosity")
 BATCH = 32

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from prefvec_ds.pipeline.dag import Stage
-from prefvec_ds.train.stage import write_json_atomic
+from prefvec_ds.atomic import write_json_atomic
 
 MANIFEST_DIR = ("pipeline", "manifests")
 #: Statuses that satisfy a downstream stage. `skipped`: an optional stage whose tool is absent.

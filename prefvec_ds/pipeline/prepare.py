@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.loader import find_ds_config, load_config, resolve_ds_config, to_dict
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline.dag import Stage, build_dag
@@ -43,12 +44,9 @@ def prepare(config: str | Path, overrides: list[str] | tuple = ()) -> tuple[RunC
     raw["run_dir"] = str(Path(cfg.run_dir).resolve())
     raw["distributed"]["ds_config"] = str(find_ds_config(cfg).resolve())
     path = snapshot_path(raw["run_dir"])
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(raw, sort_keys=False)
     if not path.is_file() or path.read_text() != text:  # keep the mtime of an unchanged run
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text_atomic(path, text)
     cfg = load_config(path)
     return cfg, build_dag(cfg)
 

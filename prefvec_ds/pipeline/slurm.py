@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from prefvec_ds.atomic import write_text_atomic
+
 #: Found next to the package in a source checkout; PREFVEC_SBATCH_TEMPLATE overrides it.
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "slurm" / "job.sbatch.tmpl"
 
@@ -230,10 +232,7 @@ def write_script(spec: SbatchSpec) -> Path:
     """Render `spec` into `spec.script_path` (and create the logs folder sbatch writes into)."""
     (spec.run_dir / "logs").mkdir(parents=True, exist_ok=True)
     path = spec.script_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".sbatch.tmp")
-    tmp.write_text(render(spec), encoding="utf-8")
-    tmp.replace(path)  # never leave a half-written script behind
+    write_text_atomic(path, render(spec))  # never leave a half-written script behind
     return path
 
 

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import write_json_atomic
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline import manifest, slurm
 from prefvec_ds.pipeline.dag import Stage, groups
 from prefvec_ds.pipeline.prepare import snapshot_path
-from prefvec_ds.train.stage import write_json_atomic
 
 JOBS_FILE = ("pipeline", "jobs.json")
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])

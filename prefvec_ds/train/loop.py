@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.schema import OptimConfig
 from prefvec_ds.dist import engine as dist
 from prefvec_ds.train.schedule import rank_micro_batches
@@ -84,10 +85,7 @@ class MetricsLog:
               flush=True)
 
     def _flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def close(self) -> None:
         if dist.rank() == 0:

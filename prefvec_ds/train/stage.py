@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import write_json_atomic
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.models.embedded import EMBEDDED_PREFIX, materialize_embedded_model
 from prefvec_ds.models.hf import check_model_dir
@@ -51,13 +51,6 @@ def load_tokenizer(model_dir: Path):
 
 def direction_dir(cfg: RunConfig, direction: str) -> Path:
     return run_path(cfg, "dpo", direction)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float))
-    tmp.replace(path)
 
 
 def mark_done(folder: Path, **payload) -> None:
