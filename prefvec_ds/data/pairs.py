@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 Messages = tuple[tuple[str, str], ...]  # ((role, content), ...), ending with a user turn
 
@@ -30,18 +30,6 @@ class PreferencePair:
 
 def user_prompt(text: str) -> Messages:
     return (("user", text),)
-
-
-def direction_view(pairs: list[PreferencePair], sign: int) -> list[PreferencePair]:
-    """The + direction is the pairs as labelled; the - direction swaps chosen and rejected.
-
-    Label switching is the only difference between theta+ and theta- of one preference.
-    """
-    if sign not in (1, -1):
-        raise ValueError(f"direction sign must be +1 or -1, got {sign}")
-    if sign == 1:
-        return list(pairs)
-    return [replace(p, chosen=p.rejected, rejected=p.chosen) for p in pairs]
 
 
 def is_held_out(key: str, fraction: float) -> bool:

@@ -112,9 +112,21 @@ def tokenize_sft(examples: list[tuple[Messages, str]], tokenizer, data: DataConf
     return out
 
 
-def fingerprint_pairs(pairs: list[TokenizedPair], max_len: int) -> str:
-    """sha256 of every token id and the truncation setting: changes when the data does."""
-    h = hashlib.sha256(f"max_len={max_len}".encode())
+def direction_view(pairs: list[TokenizedPair], sign: int) -> list[TokenizedPair]:
+    """The + direction is the pairs as labelled; the - direction swaps chosen and rejected.
+
+    Label switching is the only difference between theta+ and theta- of one preference.
+    """
+    if sign not in (1, -1):
+        raise ValueError(f"direction sign must be +1 or -1, got {sign}")
+    if sign == 1:
+        return list(pairs)
+    return [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.key) for p in pairs]
+
+
+def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:
+    """sha256 of every token id (they already reflect truncation): changes when the data does."""
+    h = hashlib.sha256()
     for pair in pairs:
         for seq in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
             h.update(len(seq).to_bytes(4, "little"))

@@ -12,30 +12,24 @@ import torch
 from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import is_held_out
-from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs
+from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs, direction_view
 from prefvec_ds.dist import engine as dist
 from prefvec_ds.train.logps import sequence_logps, split_pair_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.losses import LOSSES, preference_loss
-from prefvec_ds.train.ref_logps import (build_ref_logps, load_ref_table, ref_fingerprint,
-                                        tokenized_preference)
+from prefvec_ds.train.ref_logps import ref_table, tokenized_preference
 from prefvec_ds.train.schedule import schedule_for, shard_for_eval
 from prefvec_ds.train.stage import (base_model_dir, direction_dir, load_tokenizer, mark_done,
                                     write_json_atomic)
 
 
 def oriented(pairs: list[TokenizedPair], table: dict, sign: int):
-    """The direction's pairs and reference log-probs: the - view swaps both."""
-    out_pairs, ref = [], []
-    for p in pairs:
-        c, r, nc, nr = table[p.key]
-        if sign == 1:
-            out_pairs.append(p)
-            ref.append((c, r, nc, nr))
-        else:
-            out_pairs.append(TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.key))
-            ref.append((r, c, nr, nc))
-    return out_pairs, torch.tensor(ref, dtype=torch.float64)
+    """The direction's pairs and reference log-probs [N, 4] = (chosen, rejected, their token
+    counts): the - view swaps the pairs and the table's columns alike."""
+    ref = torch.tensor([table[p.key] for p in pairs], dtype=torch.float64).reshape(-1, 4)
+    if sign == -1:
+        ref = ref[:, [1, 0, 3, 2]]
+    return direction_view(pairs, sign), ref
 
 
 def pair_forward(engine, pairs, ref, idx, pad_id: int, cfg: RunConfig):
@@ -79,13 +73,10 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     folder = direction_dir(cfg, direction)
     base = base_model_dir(cfg)
     tokenizer = load_tokenizer(base)
-    ref_path = build_ref_logps(cfg, preference)
     pairs = tokenized_preference(cfg, preference, tokenizer)
     world = dist.world_size()
     ds = resolve_ds_config(cfg, cfg.dpo, world)
-    table = load_ref_table(ref_path, ref_fingerprint(base, pairs, ds))
-    if table is None:
-        raise RuntimeError(f"{ref_path}: reference table does not match theta_base and the data")
+    table = ref_table(cfg, preference, base, tokenizer, pairs, ds)
     frac = cfg.data.preferences[preference].eval_fraction
     train, train_ref = oriented([p for p in pairs if not is_held_out(p.key, frac)], table, sign)
     held, held_ref = oriented([p for p in pairs if is_held_out(p.key, frac)], table, sign)

@@ -40,7 +40,7 @@ def ref_fingerprint(base: Path, pairs: list[TokenizedPair], ds_config: dict) -> 
     """Model + data + tokenization + precision: any change invalidates the table."""
     precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else (
         "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
-    text = f"{model_fingerprint(base)}|{fingerprint_pairs(pairs, 0)}|{precision}"
+    text = f"{model_fingerprint(base)}|{fingerprint_pairs(pairs)}|{precision}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -56,7 +56,7 @@ def load_ref_table(path: Path, fingerprint: str) -> dict[str, tuple[float, float
             zip(table["keys"], table["logps"].tolist(), table["tokens"].tolist())}
 
 
-def build_ref_logps(cfg: RunConfig, preference: str, micro_batch_size: int | None = None) -> Path:
+def build_ref_logps(cfg: RunConfig, preference: str) -> Path:
     """Compute (or reuse) the table of `preference`; every rank must call it."""
     if preference not in cfg.data.preferences:
         raise PrefvecError(f"unknown preference {preference!r}: expected one of "
@@ -65,12 +65,21 @@ def build_ref_logps(cfg: RunConfig, preference: str, micro_batch_size: int | Non
     tokenizer = load_tokenizer(base)
     pairs = tokenized_preference(cfg, preference, tokenizer)
     ds = resolve_ds_config(cfg, cfg.dpo, dist.world_size())
+    ref_table(cfg, preference, base, tokenizer, pairs, ds)
+    return ref_table_path(cfg, preference)
+
+
+def ref_table(cfg: RunConfig, preference: str, base: Path, tokenizer,
+              pairs: list[TokenizedPair], ds: dict) -> dict[str, tuple[float, float, int, int]]:
+    """The table of already tokenized `pairs` (+ orientation): read when up to date, else
+    computed under ZeRO-3 with theta_base and saved. Every rank must call it."""
     fingerprint = ref_fingerprint(base, pairs, ds)
     out = ref_table_path(cfg, preference)
-    if load_ref_table(out, fingerprint) is not None:
-        return out
+    table = load_ref_table(out, fingerprint)
+    if table is not None:
+        return table
     engine = dist.build_engine(base, ds, train=False)
-    micro = micro_batch_size or cfg.dpo.micro_batch_size
+    micro = cfg.dpo.micro_batch_size
     mine: list[tuple[int, float, float, int, int]] = []
     with torch.no_grad():
         for idx, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(), micro):
@@ -91,4 +100,4 @@ def build_ref_logps(cfg: RunConfig, preference: str, micro_batch_size: int | Non
         tmp.replace(out)
     dist.barrier()
     del engine
-    return out
+    return {pairs[i].key: (c, r, int(nc), int(nr)) for i, c, r, nc, nr in rows}

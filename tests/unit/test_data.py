@@ -6,11 +6,12 @@ import pytest
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.schema import DataConfig
 from prefvec_ds.data import embedded
-from prefvec_ds.data.pairs import PreferencePair, direction_view, is_held_out, user_prompt
+from prefvec_ds.data.pairs import PreferencePair, is_held_out, user_prompt
 from prefvec_ds.data.sources import (hh_pairs, jsonl_pairs, parse_hh_dialogue, pku_pairs,
                                      read_rows)
-from prefvec_ds.data.tokenize import (IGNORE_INDEX, collate_pairs, tokenize_pairs)
+from prefvec_ds.data.tokenize import IGNORE_INDEX, collate_pairs, direction_view, tokenize_pairs
 from prefvec_ds.models.embedded import build_tokenizer
+from prefvec_ds.train.dpo import oriented
 from tests.conftest import shared_file
 
 
@@ -73,12 +74,20 @@ def test_gzip_jsonl_and_bad_extension(tmp_path):
 
 
 def test_label_switching_swaps_only_the_labels():
-    pairs = [PreferencePair(user_prompt("q"), "good", "bad", "x:0")]
+    tok = build_tokenizer()
+    pair = PreferencePair(user_prompt("what is 1 plus 2 ?"), "it is 3 .", "it is 4 .", "x:0")
+    pairs, _ = tokenize_pairs([pair], tok, _data())
     minus = direction_view(pairs, -1)
-    assert (minus[0].chosen, minus[0].rejected) == ("bad", "good")
-    assert minus[0].prompt == pairs[0].prompt and minus[0].key() == pairs[0].key()
+    assert (minus[0].chosen_ids, minus[0].rejected_ids) == (pairs[0].rejected_ids,
+                                                            pairs[0].chosen_ids)
+    assert minus[0].prompt_ids == pairs[0].prompt_ids and minus[0].key == pairs[0].key
     assert direction_view(pairs, 1) == pairs
-    assert is_held_out(pairs[0].key(), 0.5) == is_held_out(minus[0].key(), 0.5)
+    # + and - hold out the same pairs and read the same reference table, columns swapped
+    assert minus[0].key == pair.key() and is_held_out(minus[0].key, 0.5) == is_held_out(pair.key(), 0.5)
+    table = {pair.key(): (-1.0, -2.0, 3, 4)}
+    _, ref_minus = oriented(pairs, table, -1)
+    _, ref_plus = oriented(pairs, table, 1)
+    assert ref_plus.tolist() == [[-1.0, -2.0, 3, 4]] and ref_minus.tolist() == [[-2.0, -1.0, 4, 3]]
 
 
 def _data(**kw):
