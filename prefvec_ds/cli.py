@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "prefvec_ds.ckpt.commands",
     "prefvec_ds.pipeline.commands",
     "prefvec_ds.eval.commands",
+    "prefvec_ds.eval.scorer_commands",
     "prefvec_ds.mora.commands",
 ]
 
