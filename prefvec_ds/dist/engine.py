@@ -34,6 +34,11 @@ def init(seed: int) -> dist_env.RankInfo:
     else:
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend=dist_env.backend(), auto_mpi_discovery=False)
+    if dist_env.accelerator_is_cpu():
+        import torch.distributed as dist  # noqa: PLC0415
+
+        dist.barrier()  # every rank has mapped every rank's allreduce segment
+        Path(dist_env.cpu_shm_buffer()).unlink(missing_ok=True)
     torch.manual_seed(seed)
     return info
 
