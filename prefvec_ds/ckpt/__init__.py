@@ -1,10 +1,13 @@
 """Checkpoint arithmetic and I/O: ZeRO-3 readers, vector ops, streaming safetensors writer.
 
-Modules: safe_load (allow-listed mmap unpickling), zero3 (ZeRO-3 layout and per-parameter
-reads), safetensors_io (HF folders, preadv), sources (common interface, phi = plus - minus),
-vector / merge / stats (the `prefvec vector|merge|vector-stats` commands), apply (in-place
-apply/remove on a loaded model), writer (streaming sharded safetensors), stream (threads).
-None of them imports deepspeed or torch.distributed.
+Modules: safe_load (allow-listed, torch-free unpickling of checkpoint pickles), zero3 (ZeRO-3
+layout and per-parameter byte ranges), safetensors_io (HF folders), sources (common interface,
+phi = plus - minus), segments (byte ranges and the arithmetic kernel), dtypes (fp32/bf16/fp16 in
+numpy), stream (the chunked, threaded pipeline), directio (O_DIRECT reads and writes), writer
+(streaming sharded safetensors), vector / merge / stats (the `prefvec vector|merge|vector-stats`
+commands), apply (in-place apply/remove on a loaded torch model).
+None of them imports deepspeed or torch.distributed; only apply (and read() helpers that return
+torch tensors) import torch, so the commands run without it.
 """
 
 from prefvec_ds.ckpt.apply import apply_vectors, remove_vectors

@@ -72,10 +72,10 @@ def _apply_plans(target: _ModelNames, plans: list) -> None:
             for name, param in target.params.items():
                 vname = mapping[name]
                 if param.dtype == torch.float32 and param.is_contiguous() and param.device.type == "cpu":
-                    vec.add_into(vname, param.data.view(-1), alpha=alpha)
+                    vec.add_into(vname, param.data.view(-1).numpy(), alpha=alpha)  # shared memory
                 else:  # low precision or on GPU: accumulate in fp32, round once
                     buf = param.data.reshape(-1).to("cpu", torch.float32, copy=True)
-                    vec.add_into(vname, buf, alpha=alpha)
+                    vec.add_into(vname, buf.numpy(), alpha=alpha)
                     param.data.copy_(buf.view(param.shape))
 
 

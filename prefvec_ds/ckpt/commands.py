@@ -1,6 +1,7 @@
 """`prefvec vector`, `prefvec merge`, `prefvec vector-stats`: argparse wiring only.
 
-Heavy imports (torch) happen inside the handlers so `prefvec --help` stays fast.
+The handlers never import torch (nor transformers): checkpoints are read by our own allow-listed
+unpickler and the arithmetic is numpy, so a merge starts in ~0.2 s instead of ~3 s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="vector folder to write")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 500MB, 5GB")
-    p.add_argument("--workers", type=_workers, default=2, help="parallel reader threads")
+    p.add_argument("--workers", type=_workers, default=2,
+                   help="reader threads, and as many arithmetic threads (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run_vector)
 
@@ -59,7 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--config-from", default=None, help="HF folder to copy config/tokenizer from "
                    "(default: the base, or beside a ZeRO-3 base)")
-    p.add_argument("--workers", type=_workers, default=2, help="parallel reader threads")
+    p.add_argument("--workers", type=_workers, default=2,
+                   help="reader threads, and as many arithmetic threads (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run_merge)
 

@@ -1,10 +1,13 @@
 """`prefvec merge`: theta = theta_base + sum_i eta_i * phi_i, streamed to HF sharded safetensors.
 
-Per output tensor: one fp32 buffer is filled chunk by chunk (segments.accumulate): the base
-chunk is read straight into it, each vector's chunk (saved vector, or plus/minus rank slices with
-alpha = +-eta) is added in place, the chunk is checked for NaN/Inf while in cache; then the tensor
-is cast and appended to its shard. Peak memory is (workers + 1) x the largest tensor in fp32 plus one scratch per worker, so
-it does not grow with the model; the output appears only when complete (atomic rename).
+Each output tensor is a plan entry (stream.OutputTensor): the base term, then eta_i * phi_i per
+vector (a saved vector, or plus/minus rank slices subtracted on the fly). stream.run_plan works
+through it in 1M-element chunks: phi is formed and scaled in place and added to the base chunk
+where it was read, the chunk is checked for NaN/Inf while in cache, cast, and appended to its
+shard, while threads read ahead (coalesced O_DIRECT reads) and compute the next chunks. Peak
+memory is set by the pipeline's bounded queues (~0.3 GB), so it does not grow with the model
+(nor with its largest tensor); the output appears only when complete (atomic rename). No torch
+import on this path.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import shutil
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
+from prefvec_ds.ckpt.segments import FDS, Segment, Term
 from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
-from prefvec_ds.ckpt.segments import FDS, accumulate, prefetch_segments
-from prefvec_ds.ckpt.stream import ordered_map, progress, single_threaded_kernels
-from prefvec_ds.ckpt.writer import (DTYPES_BY_NAME, ShardedSafetensorsWriter, TensorSpec,
-                                    atomic_output_dir, parse_size)
+from prefvec_ds.ckpt.stream import OutputTensor, run_plan
+from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
+                                    parse_size)
 
 # Files in a HF folder that are weights (never copied) rather than config or tokenizer.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -52,7 +56,7 @@ def _default_dtype(base) -> str:
         if base.is_float(n):
             counts[base.dtype_name(n)] = counts.get(base.dtype_name(n), 0) + 1
     best = max(counts, key=counts.get) if counts else "fp32"
-    return best if best in DTYPES_BY_NAME else "fp32"
+    return best if best in CODE_BY_NAME else "fp32"
 
 
 def _config_folder(base, config_from: str | Path | None) -> Path | None:
@@ -116,57 +120,60 @@ def _ordered(names: list[str], vectors: list, maps: list[dict[str, str]]) -> lis
     return sorted(names, key=lambda n: rank.get(maps[0].get(n), len(rank)))
 
 
+def _buffer_segments(name: str, tensor) -> tuple:
+    """A ZeRO-3 base's persistent buffer (full on rank 0) as one segment of its file."""
+    if not tensor.is_contiguous():
+        raise PrefvecError(f"file {tensor.file}: buffer {name}: not contiguous")
+    return (Segment(0, tensor.numel(), tensor.dtype, tensor.file, tensor.offset),)
+
+
+def _plan(base_src, order, floats, vectors, maps, code: str, out) -> tuple[list, list]:
+    """(writer specs, stream plan) for every output tensor, in writing order."""
+    owner = {**base_src.aliases}
+    buffers = base_src.buffers() if base_src.kind == "zero3" else {}
+    specs, plan = [], []
+    for name in order:
+        if name in buffers:
+            shape, segs = tuple(buffers[name].shape), _buffer_segments(name, buffers[name])
+            terms, stored = [Term(segs)], buffers[name].dtype
+        else:
+            shape = tuple(base_src.shape(owner.get(name, name)))
+            terms = base_src.terms(owner.get(name, name), 1.0)
+            stored = base_src.dtype_code(name) if base_src.kind != "zero3" else "F32"
+        numel = math.prod(shape)
+        if name not in floats:  # integer/bool buffers pass through untouched
+            specs.append(TensorSpec(name, shape, stored))
+            plan.append(OutputTensor(name, numel, stored, tuple(terms), raw=True))
+            continue
+        for (vec, eta), mapping in zip(vectors, maps):
+            if eta != 0.0:
+                terms += vec.terms(mapping[name], float(eta))
+        specs.append(TensorSpec(name, shape, code))
+        plan.append(OutputTensor(name, numel, code, tuple(terms),
+                                 label=f"merged model {out}, parameter {name}"))
+    return specs, plan
+
+
 def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: str | Path,
-                  dtype: str | None = None, max_shard_size: str | int = "5GB", workers: int = 1,
+                  dtype: str | None = None, max_shard_size: str | int = "5GB", workers: int = 2,
                   overwrite: bool = False, config_from: str | Path | None = None) -> dict:
     """Write base + sum eta * phi as a HF folder. `vectors`: [(opened source, eta)]."""
-    import torch
-
     base_src = open_source(base, "base")
     names = _base_plan(base_src)
     floats = set(_float_names(base_src, names))
     maps = _vector_maps(base_src, sorted(floats), vectors)
     order = _ordered(names, vectors, maps)
     dtype = dtype or _default_dtype(base_src)
-    out_dtype = DTYPES_BY_NAME[dtype]
     cfg_src = _config_folder(base_src, config_from)
     if cfg_src is None:
         raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
                            "pass --config-from HF_FOLDER so the merged model is loadable")
-    owner = {**base_src.aliases}
-    buffers = base_src.buffers() if base_src.kind == "zero3" else {}
-
-    def build(name: str):
-        shape = tuple(base_src.shape(owner.get(name, name))) if name not in buffers \
-            else tuple(buffers[name].shape)
-        if name not in floats:  # integer/bool buffers pass through untouched
-            return buffers[name] if name in buffers else base_src.read(name).view(shape)
-        terms = [] if name in buffers else base_src.terms(owner.get(name, name), 1.0)
-        for (vec, eta), mapping in zip(vectors, maps):
-            if eta != 0.0:
-                terms += vec.terms(mapping[name], float(eta))
-        prefetch_segments([seg for segs, _ in terms for seg in segs])  # all reads in flight
-        buf = torch.empty(math.prod(shape), dtype=torch.float32)
-        if name in buffers:
-            buf.copy_(buffers[name].reshape(-1))
-        accumulate(buf, terms, copy_first=name not in buffers,
-                   check=f"merged model {out}, parameter {name}")
-        return buf.view(shape).to(out_dtype)
-
-    specs = []
-    for n in order:
-        t_shape = tuple(buffers[n].shape) if n in buffers else tuple(
-            base_src.shape(owner.get(n, n)))
-        t_dtype = out_dtype if n in floats else (
-            buffers[n].dtype if n in buffers else base_src.torch_dtype(n))
-        specs.append(TensorSpec(n, t_shape, t_dtype))
+    specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out)
     try:
-        with single_threaded_kernels(), atomic_output_dir(Path(out), overwrite) as tmp:
-            with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size)) as writer, \
-                    progress(sum(s.nbytes for s in specs), "merge") as bar:
-                for name, tensor in ordered_map(build, order, workers):
-                    writer.write(name, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
+        with atomic_output_dir(Path(out), overwrite) as tmp:
+            with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
+                                          direct=True) as writer:
+                run_plan(plan, writer, workers, desc="merge")
             copied = _copy_config(cfg_src, tmp, dtype)
     finally:
         FDS.close()  # also after errors: a cached fd must not outlive its file

@@ -1,9 +1,9 @@
 """Read a folder of (sharded) safetensors one tensor at a time, with plain positioned reads.
 
 Why not `safetensors.safe_open`: it memory-maps each shard and the pages it touches stay in our
-RSS until the file is closed, so reading a 1.5 GB base would cost 1.5 GB of RSS. Here a tensor is
-a Segment (file, byte offset) read with `os.preadv` in chunks (segments.accumulate), straight
-into its destination when it is fp32: memory stays at one tensor, whatever the model size.
+RSS until the file is closed, so reading a 1.5 GB base would cost 1.5 GB of RSS; it also needs
+torch. Here a tensor is a Segment (file, byte offset) read with `os.preadv` in chunks
+(segments.py), straight into its destination when it is fp32: memory stays at one chunk.
 The header is parsed and checked against the file size first, so a truncated shard is reported
 by file and tensor name before any work is done.
 """
@@ -16,13 +16,11 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefvec_ds import PrefvecError
-from prefvec_ds.ckpt.segments import Segment, SegmentSource, pread_into
+import numpy as np
 
-_DTYPES = {"F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-           "F64": ("float64", 8), "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2),
-           "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1)}
-SHORT_DTYPE = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.dtypes import FLOAT_CODES, ITEMSIZE, NAME_BY_CODE, NUMPY, to_torch, widen_into
+from prefvec_ds.ckpt.segments import Segment, SegmentSource, pread_into
 _MAX_HEADER = 100 << 20  # safetensors caps headers at 100 MB; a bigger one means garbage
 
 
@@ -54,14 +52,14 @@ def _read_header(path: Path) -> dict[str, Entry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info.get("dtype") not in _DTYPES:
+        if info.get("dtype") not in ITEMSIZE:
             raise PrefvecError(f"file {path}, tensor {name}: unsupported dtype {info.get('dtype')}")
         begin, end = info["data_offsets"]
         shape = tuple(int(d) for d in info["shape"])
         numel = 1
         for d in shape:
             numel *= d
-        if end - begin != numel * _DTYPES[info["dtype"]][1] or 8 + hlen + end > size:
+        if end - begin != numel * ITEMSIZE[info["dtype"]] or 8 + hlen + end > size:
             raise PrefvecError(f"file {path}, tensor {name}: data beyond the end of the file or "
                                f"inconsistent with shape {list(shape)} (truncated or corrupt)")
         entries[name] = Entry(path, info["dtype"], shape, 8 + hlen + begin, end - begin)
@@ -103,28 +101,36 @@ class SafetensorsFolder(SegmentSource):
         return self.entries[name].shape
 
     def dtype_name(self, name: str) -> str:
-        return SHORT_DTYPE.get(self.entries[name].dtype, self.entries[name].dtype.lower())
+        return NAME_BY_CODE.get(self.entries[name].dtype, self.entries[name].dtype.lower())
 
-    def torch_dtype(self, name: str):
-        import torch
-
-        return getattr(torch, _DTYPES[self.entries[name].dtype][0])
+    def dtype_code(self, name: str) -> str:
+        return self.entries[name].dtype
 
     def is_float(self, name: str) -> bool:
-        return self.entries[name].dtype in SHORT_DTYPE or self.entries[name].dtype == "F64"
+        return self.entries[name].dtype in FLOAT_CODES
 
     def segments(self, name: str) -> list[Segment]:
         e = self.entries[name]
         return [Segment(0, math.prod(e.shape), e.dtype, e.file, e.start)]
 
-    def read(self, name: str):
-        """The tensor as stored (its own dtype), flat; a fresh allocation."""
-        import torch
-
+    def read_array(self, name: str) -> np.ndarray:
+        """The tensor as stored, flat, a fresh numpy array (bf16 as its uint16 bit patterns)."""
         e = self.entries[name]
-        out = torch.empty(e.nbytes, dtype=torch.uint8)
-        pread_into(e.file, e.start, memoryview(out.numpy()))
-        return out.view(getattr(torch, _DTYPES[e.dtype][0]))
+        out = np.empty(e.nbytes // ITEMSIZE[e.dtype], dtype=NUMPY[e.dtype])
+        pread_into(e.file, e.start, out)
+        return out
+
+    def read_fp32(self, name: str) -> np.ndarray:
+        """A float tensor widened to fp32, flat (exact for bf16/fp16)."""
+        e = self.entries[name]
+        raw = self.read_array(name).view(np.uint8)
+        out = np.empty(e.nbytes // ITEMSIZE[e.dtype], dtype=np.float32)
+        widen_into(raw, e.dtype, out)
+        return out
+
+    def read(self, name: str):
+        """The tensor as stored (its own dtype), flat, as a torch tensor; a fresh allocation."""
+        return to_torch(self.read_array(name), self.entries[name].dtype)
 
     def __repr__(self) -> str:
         return f"safetensors folder {self.path}"

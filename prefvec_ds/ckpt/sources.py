@@ -1,10 +1,11 @@
-"""Tensor sources: anything that can add one named fp32 tensor into a buffer on demand.
+"""Tensor sources: anything that can describe one named tensor as Terms over byte ranges of files.
 
-Three kinds share one small interface (names(), shape(name), aliases, add_into(name, out, alpha,
-copy)): a ZeRO-3 checkpoint (zero3.Zero3Checkpoint), a safetensors folder (an HF model or a saved
-vector, safetensors_io.SafetensorsFolder), and the lazy difference of two sources (DiffSource,
-phi = plus - minus, never materialised as a whole). Name matching between sources goes through
-tied-weight alias groups, so `lm_head.weight` tied to `model.embed_tokens.weight` matches either.
+Three kinds share one small interface (names(), shape(name), aliases, terms(name, alpha),
+add_into(name, out, alpha, copy)): a ZeRO-3 checkpoint (zero3.Zero3Checkpoint), a safetensors
+folder (an HF model or a saved vector, safetensors_io.SafetensorsFolder), and the lazy difference
+of two sources (DiffSource, phi = plus - minus, never materialised as a whole). Name matching
+between sources goes through tied-weight alias groups, so `lm_head.weight` tied to
+`model.embed_tokens.weight` matches either.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
-from prefvec_ds.ckpt.segments import accumulate
+from prefvec_ds.ckpt.segments import Term, accumulate, as_array
 from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder
 
 VECTOR_MANIFEST = "prefvec_vector.json"
@@ -118,18 +119,19 @@ class DiffSource:
         return self.plus.shape(name)
 
     def terms(self, name: str, alpha: float = 1.0) -> list:
-        """plus terms with +alpha, minus terms with -alpha. With the same flat layout both sides
-        have identical rank segments, so each chunk subtracts at identical flat offsets, rank
-        file by rank file; otherwise minus is read through its own named ranges."""
-        return self.plus.terms(name, alpha) + self.minus.terms(self.to_minus[name], -alpha)
-
-    def prefetch(self, name: str) -> None:
-        self.plus.prefetch(name)
-        self.minus.prefetch(self.to_minus[name])
+        """One term alpha * (plus - minus): phi is formed first, then scaled. With the same flat
+        layout both sides have identical rank segments, so each chunk subtracts at identical
+        flat offsets, rank file by rank file; otherwise minus is read through its own named
+        ranges (same values)."""
+        (plus,) = self.plus.terms(name, 1.0)
+        (minus,) = self.minus.terms(self.to_minus[name], 1.0)
+        if plus.minus is not None or minus.minus is not None:
+            raise PrefvecError(f"vector {self.path}: a difference of differences is not supported")
+        return [Term(plus.segments, alpha, minus.segments)]
 
     def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
         """out += alpha * (plus - minus), or = plus - minus when copy."""
-        accumulate(out, self.terms(name, 1.0 if copy else alpha), copy_first=copy)
+        accumulate(as_array(out), self.terms(name, 1.0 if copy else alpha), copy_first=copy)
 
     def __repr__(self) -> str:
         return f"vector {self.path} (fast flat path: {self.fast})"

@@ -12,6 +12,8 @@ import math
 import re
 from collections import OrderedDict
 
+import numpy as np
+
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.segments import FDS, chunked_dot
 from prefvec_ds.ckpt.sources import alias_groups, match_names, open_vector_arg
@@ -75,8 +77,6 @@ def format_stats(stats: dict) -> str:
 
 def _accumulate_dots(vecs: list, maps: list[dict[str, str]]):
     """Pairwise dot products and per-layer squared norms, one fp32 tensor per vector at a time."""
-    import torch
-
     first, k = vecs[0], len(vecs)
     dots = [[0.0] * k for _ in range(k)]
     layers: "OrderedDict[str, list[float]]" = OrderedDict()
@@ -84,7 +84,7 @@ def _accumulate_dots(vecs: list, maps: list[dict[str, str]]):
         numel = math.prod(first.shape(name))
         tensors = []
         for v, mapping in zip(vecs, maps):
-            buf = torch.empty(numel, dtype=torch.float32)
+            buf = np.empty(numel, dtype=np.float32)
             v.add_into(mapping[name], buf, copy=True)
             tensors.append(buf)
         sq = layers.setdefault(layer_key(name), [0.0] * k)

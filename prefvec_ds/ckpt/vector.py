@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 from prefvec_ds import PrefvecError, __version__
+from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
+from prefvec_ds.ckpt.segments import FDS
 from prefvec_ds.ckpt.sources import VECTOR_FORMAT, VECTOR_MANIFEST, DiffSource, open_source
-from prefvec_ds.ckpt.segments import FDS, accumulate, chunked_dot, prefetch_segments
-from prefvec_ds.ckpt.stream import ordered_map, progress, single_threaded_kernels
-from prefvec_ds.ckpt.writer import (DTYPES_BY_NAME, ShardedSafetensorsWriter, TensorSpec,
-                                    atomic_output_dir, parse_size)
+from prefvec_ds.ckpt.stream import OutputTensor, run_plan
+from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
+                                    parse_size)
 
 VECTOR_DTYPES = ("fp32", "bf16")
 
@@ -32,40 +33,28 @@ def _numel(shape) -> int:
 
 
 def compute_vector(plus: str | Path, minus: str | Path, out: str | Path, dtype: str = "fp32",
-                   max_shard_size: str | int = "5GB", workers: int = 1,
+                   max_shard_size: str | int = "5GB", workers: int = 2,
                    overwrite: bool = False) -> dict:
     """Write phi = plus - minus to the vector folder `out`; return its manifest.
 
     plus/minus: ZeRO-3 checkpoint folders (with `latest`, or a tag folder) or HF folders.
-    Memory: (workers + 1) fp32 tensors of the largest parameter; nothing else is held.
+    Memory: the bounded read-ahead and chunk queues of stream.run_plan (~0.3 GB), whatever the
+    model size.
     """
-    import torch
-
     if dtype not in VECTOR_DTYPES:
         raise PrefvecError(f"--dtype {dtype}: expected one of {', '.join(VECTOR_DTYPES)}")
     diff = DiffSource(open_source(plus, "plus"), open_source(minus, "minus"))
-    torch_dtype = DTYPES_BY_NAME[dtype]
+    code = CODE_BY_NAME[dtype]
     names = diff.names()
-    specs = [TensorSpec(n, tuple(diff.shape(n)), torch_dtype) for n in names]
-    sq_norm = 0.0
+    specs = [TensorSpec(n, tuple(diff.shape(n)), code) for n in names]
+    plan = [OutputTensor(n, _numel(diff.shape(n)), code, tuple(diff.terms(n, 1.0)),
+                         label=f"vector {plus} - {minus}, parameter {n}") for n in names]
     started = time.perf_counter()
-
-    def build(name: str):
-        terms = diff.terms(name, 1.0)
-        prefetch_segments([seg for segs, _ in terms for seg in segs])
-        buf = torch.empty(_numel(diff.shape(name)), dtype=torch.float32)
-        accumulate(buf, terms, check=f"vector {plus} - {minus}, parameter {name}")
-        return buf
-
     try:
-        with single_threaded_kernels(), atomic_output_dir(Path(out), overwrite) as tmp:
+        with atomic_output_dir(Path(out), overwrite) as tmp:
             with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
-                                          {"prefvec": VECTOR_FORMAT}) as writer, \
-                    progress(sum(s.nbytes for s in specs), "vector") as bar:
-                for name, buf in ordered_map(build, names, workers):
-                    sq_norm += chunked_dot(buf, buf)
-                    writer.write(name, buf.view(diff.shape(name)).to(torch_dtype))
-                    bar.update(buf.numel() * torch_dtype.itemsize)
+                                          {"prefvec": VECTOR_FORMAT}, direct=True) as writer:
+                sq_norm = run_plan(plan, writer, workers, norms=True, desc="vector")
             manifest = {
                 "format": VECTOR_FORMAT, "version": 1, "dtype": dtype,
                 "plus": str(plus), "minus": str(minus), "aliases": diff.aliases,

@@ -2,8 +2,11 @@
 
 The shard plan (which tensor goes in which file, at which offset) is made up front from names,
 shapes and dtypes alone, so each shard's header is written first and every tensor's bytes are
-appended the moment it is computed: memory stays at one tensor, never a shard or a state dict.
-Output goes into a temporary folder beside the target and is renamed into place at the end.
+appended the moment they are computed, whole (`write`) or chunk by chunk (`append`): memory stays
+at one chunk or tensor, never a shard or a state dict. No torch import: dtypes are safetensors
+codes (torch dtypes are accepted and mapped by name), data is anything with the buffer protocol
+or a torch tensor. Output goes into a temporary folder beside the target and is renamed into
+place at the end.
 """
 
 from __future__ import annotations
@@ -16,14 +19,20 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.dtypes import CODE_BY_NAME, ITEMSIZE, TORCH_NAME, code_of
+from prefvec_ds.ckpt.directio import open_output
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                      torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8",
-                      torch.bool: "BOOL", torch.float64: "F64"}
-DTYPES_BY_NAME = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def __getattr__(name: str):
+    """DTYPES_BY_NAME ({"fp32": torch.float32, ...}) for torch users, imported on first use."""
+    if name == "DTYPES_BY_NAME":
+        import torch
+
+        return {k: getattr(torch, TORCH_NAME[v]) for k, v in CODE_BY_NAME.items()}
+    raise AttributeError(name)
 
 
 def parse_size(text: str | int) -> int:
@@ -42,16 +51,21 @@ def parse_size(text: str | int) -> int:
 
 @dataclass
 class TensorSpec:
+    """One planned tensor; dtype: a safetensors code ("F32", "BF16") or a torch dtype."""
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: str
+
+    def __post_init__(self):
+        self.dtype = code_of(self.dtype)
+        self.shape = tuple(int(d) for d in self.shape)
 
     @property
     def nbytes(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.tensor([], dtype=self.dtype).element_size()
+        return n * ITEMSIZE[self.dtype]
 
 
 @dataclass
@@ -84,16 +98,21 @@ class ShardedSafetensorsWriter:
     """
 
     def __init__(self, folder: Path, specs: list[TensorSpec], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None, durable: bool = True):
-        """durable: start write-back of each tensor as soon as it is written and fdatasync each
+                 metadata: dict[str, str] | None = None, durable: bool = True,
+                 direct: bool = False):
+        """durable: start write-back of each piece as soon as it is written and fdatasync each
         shard on close, so the final rename publishes data that is on disk (and dirty pages
-        never pile up: 1.5 GB of them would otherwise all be flushed at the end)."""
+        never pile up: 1.5 GB of them would otherwise all be flushed at the end).
+        direct: write with O_DIRECT where the file system allows it (directio.py: far less CPU
+        than copying into the page cache; always durable)."""
         self.folder = Path(folder)
         self.durable = durable
+        self.direct = direct
         self.shards = plan_shards(specs, max_shard_bytes)
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(i, s) for i, sh in enumerate(self.shards) for s in sh.specs]
         self._next = 0
+        self._done_bytes = 0  # of the tensor being appended
         self._fh = None
         self._shard_idx = -1
 
@@ -101,25 +120,10 @@ class ShardedSafetensorsWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         return self
 
-    def _close_shard(self) -> None:
+    def _close_shard(self, complete: bool = True) -> None:
         if self._fh is not None:
-            if self.durable:
-                os.fdatasync(self._fh.fileno())
-            self._fh.close()
-            self._fh = None
-
-    def _write_all(self, data) -> None:
-        """Unbuffered write of a whole buffer (a single write() stops at ~2 GiB on Linux)."""
-        view = memoryview(data).cast("B")
-        start = self._fh.tell()
-        while view:
-            n = self._fh.write(view)
-            view = view[n:]
-        if self.durable and hasattr(os, "posix_fadvise"):
-            # DONTNEED on just-written pages starts their write-back now (asynchronously) and
-            # drops them from the page cache once clean: disk writes overlap our reads.
-            os.posix_fadvise(self._fh.fileno(), start, self._fh.tell() - start,
-                             os.POSIX_FADV_DONTNEED)
+            fh, self._fh = self._fh, None
+            fh.close(complete)
 
     def _open_shard(self, idx: int) -> None:
         self._close_shard()
@@ -127,36 +131,58 @@ class ShardedSafetensorsWriter:
         header: dict = {"__metadata__": self.metadata}
         offset = 0
         for spec in shard.specs:
-            header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+            header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape),
                                  "data_offsets": [offset, offset + spec.nbytes]}
             offset += spec.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data start to 8 bytes
-        self._fh = open(self.folder / shard.filename, "wb", buffering=0)
-        self._write_all(struct.pack("<Q", len(raw)) + raw)
+        self._fh = open_output(self.folder / shard.filename, self.direct, self.durable)
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
         self._shard_idx = idx
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def append(self, name: str, data) -> None:
+        """Append the next bytes of tensor `name` (the next planned one, or the one being
+        appended); the writer moves on once all its bytes are in."""
         if self._next >= len(self._order):
             raise RuntimeError(f"tensor {name!r} is not in the shard plan")
         idx, spec = self._order[self._next]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise RuntimeError(f"expected {spec.name} {spec.shape} {spec.dtype} next, got "
-                               f"{name} {tuple(tensor.shape)} {tensor.dtype}")
+        view = memoryview(data).cast("B")
+        if name != spec.name or self._done_bytes + len(view) > spec.nbytes:
+            raise RuntimeError(f"expected {spec.nbytes - self._done_bytes} more bytes of "
+                               f"{spec.name} next, got {len(view)} of {name}")
         if idx != self._shard_idx:
             self._open_shard(idx)
-        t = tensor.detach().contiguous().cpu()
-        # bf16 has no numpy dtype: write its bytes through a same-size integer view.
-        view = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-        # Hand the tensor's own buffer to write(): no bytes copy (tobytes() would double memory).
-        if t.numel():
-            self._write_all(view.reshape(-1).numpy())
-        self._next += 1
+        if len(view):
+            self._fh.write(view)
+        self._done_bytes += len(view)
+        if self._done_bytes == spec.nbytes:
+            self._next += 1
+            self._done_bytes = 0
+
+    def write(self, name: str, tensor) -> None:
+        """Write a whole tensor: a numpy array (dtype as planned; bf16 as uint16 bits) or a
+        torch tensor (its own buffer is handed to write(): no bytes copy)."""
+        if self._next >= len(self._order) or self._done_bytes:
+            raise RuntimeError(f"tensor {name!r} is not next in the shard plan")
+        spec = self._order[self._next][1]
+        if isinstance(tensor, np.ndarray):
+            array = np.ascontiguousarray(tensor)
+            bits16 = array.dtype in (np.uint16, np.int16)  # bf16 travels as its bit patterns
+            code = "BF16" if spec.dtype == "BF16" and bits16 else code_of(array.dtype)
+        else:  # torch: bf16 has no numpy dtype, so its bytes go through a same-size int view
+            import torch
+
+            code = code_of(tensor.dtype)
+            t = tensor.detach().contiguous().cpu()
+            array = (t.view(torch.int16) if code == "BF16" else t).numpy()
+        if name != spec.name or tuple(tensor.shape) != spec.shape or code != spec.dtype:
+            raise RuntimeError(f"expected {spec.name} {spec.shape} {spec.dtype} next, got "
+                               f"{name} {tuple(tensor.shape)} {code}")
+        self.append(name, array.reshape(-1))
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            if self._fh is not None:
-                self._fh.close()
+            self._close_shard(complete=False)
             return False
         self._close_shard()
         if self._next != len(self._order):

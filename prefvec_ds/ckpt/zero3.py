@@ -6,9 +6,9 @@ tensor per sub-group; a parameter of numel n occupies p = ceil(n / W) elements o
 elements [r*p, min((r+1)*p, n)). The W*p - n padding elements are uninitialised: never read.
 
 A parameter is described as W segments (file, byte offset, element range) and read chunk by chunk
-into one output tensor (segments.accumulate), so memory is one tensor. The pickles are loaded
-with mmap only to learn where the flat tensors are; nothing imports deepspeed or
-torch.distributed.
+(segments.py / stream.py), so memory is a few chunks. The pickles are only unpickled (safely,
+without torch: safe_load.py) to learn where the flat tensors' bytes are; nothing imports torch,
+deepspeed or torch.distributed.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
-from prefvec_ds.ckpt.safe_load import load_pickle_file, mapped_file_offset
+from prefvec_ds.ckpt.safe_load import StoredTensor, load_pickle_file
 from prefvec_ds.ckpt.segments import Segment, SegmentSource
 
 _RANK_FILE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
-_SAFETENSORS_CODE = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,7 @@ def _build_layout(path: Path, states: dict, world: int) -> Zero3Layout:
 
 
 class Zero3Checkpoint(SegmentSource):
-    """One ZeRO-3 checkpoint: layout eagerly (small), rank optimizer files lazily (mmap)."""
+    """One ZeRO-3 checkpoint: layout and the byte offsets of every rank's flat partitions."""
 
     kind = "zero3"
 
@@ -144,7 +143,6 @@ class Zero3Checkpoint(SegmentSource):
                 raise PrefvecError(f"file {path}: parameter param_shapes differs from rank 0's "
                                    "(rank files from different runs mixed in one folder?)")
         self._flat: list[list | None] = [None] * world
-        self._offsets: dict[tuple[int, int], int | None] = {}
         for rank in range(world):  # validate every rank file now (ms each: only the pickle is
             self._check_optim(rank)  # read), so a bad file fails before any output is written
         self._order = [s.name for g in self.layout.groups for s in g] + list(self.layout.frozen)
@@ -171,15 +169,15 @@ class Zero3Checkpoint(SegmentSource):
                                f"{len(self.layout.groups)} sub-groups (param_shapes)")
         for g, (tensor, slots) in enumerate(zip(flat, self.layout.groups)):
             need = sum(s.part for s in slots)
-            if tensor.dim() != 1 or tensor.numel() < need:
-                raise PrefvecError(f"file {path}: parameter fp32_flat_groups[{g}]: expected at "
-                                   f"least {need} elements, found {tensor.numel()}")
-        del osd["optimizer_state_dict"]  # Adam moments: drop the references, never read them
-        flat = [t.detach() for t in flat]  # saved with requires_grad=True; we only do arithmetic
-        for g, tensor in enumerate(flat):  # where each flat group's bytes are, for preadv
-            self._offsets[(rank, g)] = mapped_file_offset(tensor, path)
-        self._flat[rank] = flat
-        return flat
+            if not isinstance(tensor, StoredTensor) or tensor.dim() != 1 or tensor.numel() < need:
+                raise PrefvecError(f"file {path}: parameter fp32_flat_groups[{g}]: expected a "
+                                   f"1-D tensor of at least {need} elements, found {tensor!r}")
+            if tensor.dtype != "F32" or not tensor.is_contiguous():
+                raise PrefvecError(f"file {path}: parameter fp32_flat_groups[{g}]: expected "
+                                   f"contiguous fp32 master weights, found {tensor!r}")
+        # The Adam moments (optimizer_state_dict.state) are only locations: never read.
+        self._flat[rank] = list(flat)
+        return self._flat[rank]
 
     # -- the tensor-source interface shared with SafetensorsFolder --------------------------
     def names(self) -> list[str]:
@@ -193,11 +191,9 @@ class Zero3Checkpoint(SegmentSource):
     def shape(self, name: str) -> tuple[int, ...]:
         name = self.layout.shared.get(name, name)  # a tied alias has its owner's shape
         slot = self.layout.slots.get(name)
+        if slot is None and name not in self.layout.frozen and name in self.buffers():
+            return tuple(self.buffers()[name].shape)
         return slot.shape if slot else self.layout.frozen[name]
-
-    def _offset(self, rank: int, group: int) -> int | None:
-        """Byte offset of fp32_flat_groups[group] in rank's optim file (None: use the mmap)."""
-        return self._offsets[(rank, group)]
 
     def segments(self, name: str) -> list[Segment]:
         """Where each rank's valid elements of `name` are; padding is never part of a segment."""
@@ -210,13 +206,8 @@ class Zero3Checkpoint(SegmentSource):
             start, count = slot.rank_range(rank)
             if count == 0:
                 break  # the remaining ranks hold only padding for this parameter
-            base = self._offset(rank, slot.group)
-            if base is None:
-                flat = self._check_optim(rank)[slot.group]
-                segs.append(Segment(start, count, "F32", tensor=flat.narrow(0, slot.offset, count)))
-            else:
-                segs.append(Segment(start, count, "F32", self.optim_files[rank],
-                                    base + slot.offset * 4))
+            flat = self._flat[rank][slot.group]
+            segs.append(Segment(start, count, "F32", flat.file, flat.offset + slot.offset * 4))
         return segs
 
     def _frozen_segments(self, name: str) -> list[Segment]:
@@ -230,20 +221,20 @@ class Zero3Checkpoint(SegmentSource):
             if frag is None:
                 raise PrefvecError(f"file {self.model_files[rank]}: parameter "
                                    f"frozen_param_fragments[{name}] missing")
-            frag = frag.detach().reshape(-1)
+            if not isinstance(frag, StoredTensor) or not frag.is_contiguous() \
+                    or not frag.is_floating_point():
+                raise PrefvecError(f"file {self.model_files[rank]}: parameter "
+                                   f"frozen_param_fragments[{name}]: expected a float tensor")
             count = min(frag.numel(), numel - pos)
             if count > 0:
-                code = _SAFETENSORS_CODE[str(frag.dtype)]
-                off = mapped_file_offset(frag, self.model_files[rank])
-                segs.append(Segment(pos, count, code, self.model_files[rank], off) if off is not None
-                            else Segment(pos, count, code, tensor=frag.narrow(0, 0, count)))
+                segs.append(Segment(pos, count, frag.dtype, frag.file, frag.offset))
                 pos += count
         if pos != numel:
             raise PrefvecError(f"folder {self.tag_dir}: frozen parameter {name}: fragments hold "
                                f"{pos} of {numel} elements")
         return segs
 
-    def buffers(self) -> dict:
+    def buffers(self) -> dict[str, StoredTensor]:
         """Persistent buffers (full tensors on every rank; taken from rank 0)."""
         module = self._model_states[0].get("module") or {}
         return {k: module[k] for k in self.layout.buffers if k in module}

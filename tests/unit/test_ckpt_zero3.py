@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,23 +152,24 @@ def test_nan_in_result_is_refused_without_output(tmp_path, capsys):
     assert "layers.0.proj.weight" in err and "NaN/Inf" in err and not (tmp_path / "v").exists()
 
 
-def test_segments_point_into_files_and_mmap_fallback_agrees(tmp_path, monkeypatch):
-    import prefvec_ds.ckpt.zero3 as zero3
-
-    plus, minus = pico_state_dict(1, tiny=True), pico_state_dict(2, tiny=True)
-    p = write_synthetic_zero3(tmp_path / "p", plus, 3, frozen=("layers.0.norm.weight",))
-    m = write_synthetic_zero3(tmp_path / "m", minus, 3, frozen=("layers.0.norm.weight",))
+def test_segments_point_at_the_bytes_torch_load_sees(tmp_path):
+    """Our torch-free reader locates each rank's flat partition and frozen fragment in the zip;
+    the bytes there are exactly what torch.load returns for them."""
+    plus = pico_state_dict(1, tiny=True)
+    p = write_synthetic_zero3(tmp_path / "p", plus, 3, frozen=("layers.0.norm.weight",),
+                              prefix="bf16_")
     ckpt = Zero3Checkpoint(p)
-    segs = ckpt.segments("embed.weight") + ckpt.segments("layers.0.norm.weight")
-    assert all(s.file is not None and s.tensor is None for s in segs)  # preadv path, not mmap
-    compute_vector(p, m, tmp_path / "fast")
-    monkeypatch.setattr(zero3, "mapped_file_offset", lambda tensor, path: None)
-    assert all(s.file is None for s in Zero3Checkpoint(p).segments("embed.weight"))
-    compute_vector(p, m, tmp_path / "mmap")
-    fast, slow = open_vector(tmp_path / "fast"), open_vector(tmp_path / "mmap")
-    for name in plus:
-        assert torch.equal(fast.read(name), slow.read(name)), name
-        assert torch.equal(fast.read(name).view(plus[name].shape), plus[name] - minus[name])
+    for rank, path in enumerate(ckpt.optim_files):
+        flats = torch.load(path, weights_only=True)["optimizer_state_dict"]["fp32_flat_groups"]
+        for g, want in enumerate(flats):
+            got = ckpt._flat[rank][g]
+            assert got.numpy().tobytes() == want.numpy().tobytes()  # NaN padding included
+    for name in ("embed.weight", "layers.1.gate", "layers.0.norm.weight"):
+        segs = ckpt.segments(name)
+        assert all(s.file.is_file() for s in segs)
+        buf = np.empty(plus[name].numel(), np.float32)
+        ckpt.add_into(name, buf, copy=True)
+        assert torch.equal(torch.from_numpy(buf).view(plus[name].shape), plus[name]), name
 
 
 def test_bf16_vector_merges_into_fp16_output(tmp_path):
@@ -184,3 +186,73 @@ def test_bf16_vector_merges_into_fp16_output(tmp_path):
         phi = (plus[name] - minus[name]).bfloat16().float()
         want = (t.bfloat16().float() - 0.5 * phi).half()
         assert torch.equal(out.read(name).view(t.shape), want), name
+
+
+def test_vector_and_merge_commands_never_import_torch(tmp_path):
+    """`prefvec vector|merge` run without torch (its import took 2.9 s of a 10 s merge here):
+    checkpoints are unpickled by our own allow-listed reader, arithmetic is numpy."""
+    import subprocess
+    import sys
+
+    base = pico_state_dict(0)
+    write_hf_folder(tmp_path / "base", {k: v.bfloat16() for k, v in base.items()},
+                    {"dtype": "bfloat16"})
+    write_synthetic_zero3(tmp_path / "p", pico_state_dict(1), 2, frozen=("layers.0.norm.weight",))
+    write_synthetic_zero3(tmp_path / "m", pico_state_dict(2), 3, frozen=("layers.0.norm.weight",))
+    code = f"""
+import sys
+from prefvec_ds.cli import main
+assert main(["vector", "--plus", "{tmp_path / 'p'}", "--minus", "{tmp_path / 'm'}",
+             "--out", "{tmp_path / 'v'}", "--dtype", "bf16"]) == 0
+assert main(["merge", "--base", "{tmp_path / 'base'}", "--vector", "{tmp_path / 'v'}=0.5",
+             "--vector", "{tmp_path / 'p'},{tmp_path / 'm'}=-1", "--out", "{tmp_path / 'o'}"]) == 0
+heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "safetensors")]
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    out = SafetensorsFolder(tmp_path / "o")
+    p, m = pico_state_dict(1), pico_state_dict(2)
+    for name, t in base.items():
+        phi = (p[name] - m[name]).bfloat16().float()
+        want = (t.bfloat16().float() + 0.5 * phi - (p[name] - m[name])).bfloat16()
+        got = out.read(name).view(t.shape)
+        assert got.dtype == torch.bfloat16
+        assert torch.allclose(got.float(), want.float(), atol=1e-2), name
+
+
+def test_page_cache_fallback_gives_the_same_files(tmp_path, monkeypatch):
+    """Where O_DIRECT is refused (or PREFVEC_DIRECT_IO=0), reads and writes go through the page
+    cache: same bytes out."""
+    from prefvec_ds.ckpt import directio
+
+    base = pico_state_dict(0)
+    write_hf_folder(tmp_path / "base", base, {"model_type": "toy"})
+    write_synthetic_zero3(tmp_path / "p", pico_state_dict(1), 2, sub_group=25)
+    write_synthetic_zero3(tmp_path / "m", pico_state_dict(2), 3)
+    pair = f"{tmp_path / 'p'},{tmp_path / 'm'}"
+    merge_vectors(tmp_path / "base", [(open_vector_arg(pair), 0.3)], tmp_path / "direct")
+    monkeypatch.setattr(directio, "ENABLED", False)
+    merge_vectors(tmp_path / "base", [(open_vector_arg(pair), 0.3)], tmp_path / "cached")
+    assert (tmp_path / "direct" / "model.safetensors").read_bytes() == \
+        (tmp_path / "cached" / "model.safetensors").read_bytes()
+
+
+def test_zero3_base_buffers_float_merged_integer_passed_through(tmp_path):
+    base = pico_state_dict(0)
+    folder = write_synthetic_zero3(tmp_path / "run" / "ckpt", base, 2)
+    (tmp_path / "run" / "config.json").write_text('{"model_type": "toy"}')
+    inv, ids = torch.arange(4.0) / 7, torch.arange(5) * 3
+    for f in (folder / "global_step1").glob("*model_states.pt"):  # persistent buffers, as
+        states = torch.load(f, weights_only=True)                  # DeepSpeed saves them
+        states["module"].update({"rope.inv": inv, "pos.ids": ids})
+        states["buffer_names"] = ["rope.inv", "pos.ids"]
+        torch.save(states, f)
+    plus = {**{k: v + 1 for k, v in base.items()}, "rope.inv": inv + 0.5}
+    write_hf_folder(tmp_path / "p", plus)
+    write_hf_folder(tmp_path / "m", {**base, "rope.inv": inv})
+    vec = open_vector_arg(f"{tmp_path / 'p'},{tmp_path / 'm'}")
+    merge_vectors(tmp_path / "run" / "ckpt", [(vec, 2.0)], tmp_path / "out")
+    out = SafetensorsFolder(tmp_path / "out")
+    assert out.entries["pos.ids"].dtype == "I64" and torch.equal(out.read("pos.ids"), ids)
+    assert torch.allclose(out.read("rope.inv"), inv + 1.0)
+    assert torch.allclose(out.read("head.weight").view(4, 6), base["head.weight"] + 2)
