@@ -155,6 +155,58 @@ def collate_pairs(batch: list[TokenizedPair], pad_id: int) -> dict[str, torch.Te
     return _pad_batch(seqs, pad_id)
 
 
+def collate_pairs_shared(batch: list[TokenizedPair], pad_id: int) -> dict:
+    """One row per pair: prompt, chosen and rejected back to back, the prompt run once.
+
+    The rejected response attends to the prompt and to itself, never to the chosen response,
+    and its positions restart where the prompt ends: every token sees exactly the context and
+    position it has in its own row of `collate_pairs`, so the log-probs are the same while the
+    prompt (most of an HH-RLHF pair's tokens) goes through the model once instead of twice.
+
+    Returns input_ids and position_ids [B, L]; attention_mask [B, 1, L, L] (bool, True = may
+    attend; a padding position attends to itself only); and the targets that
+    `prefvec_ds.train.logps.batch_logps` reads: keep [B, L] (positions whose logits are needed:
+    the prompt's last one predicts the first token of both responses), target_row (each label's
+    index among the kept positions, row-major), target_ids, target_seq (pair i's chosen response
+    is sequence i, its rejected one B + i) and n_seq = 2B.
+    """
+    n = len(batch)
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)
+    keep = torch.zeros((n, width), dtype=torch.bool)
+    # (pair, position that predicts the label, label id, sequence)
+    targets: list[tuple[int, int, int, int]] = []
+    for i, p in enumerate(batch):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        length = n_p + n_c + n_r
+        input_ids[i, :length] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        position_ids[i, :length] = torch.cat([torch.arange(n_p + n_c),
+                                              torch.arange(n_p, n_p + n_r)])
+        seg = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
+        mask[i, 0, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril() & (
+            (seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+        for seq, start, ids in ((i, n_p, p.chosen_ids), (n + i, n_p + n_c, p.rejected_ids)):
+            for j, tok in enumerate(ids):
+                at = n_p - 1 if j == 0 else start + j - 1
+                if at >= 0:  # with no prompt the first token has no predictor (as in a row)
+                    targets.append((i, at, tok, seq))
+    pair, at, ids, seq = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
+    keep[pair, at] = True
+    index = torch.full((n, width), -1, dtype=torch.long)
+    index[keep] = torch.arange(int(keep.sum()))
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask,
+            "keep": keep, "target_row": index[pair, at], "target_ids": ids, "target_seq": seq,
+            "n_seq": 2 * n}
+
+
+def pair_tokens(pair: TokenizedPair) -> int:
+    """Tokens of the pair's chosen and rejected sequences, prompt included in both (what the
+    two-row layout feeds the model; the shared-prompt layout feeds the prompt once)."""
+    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
 def collate_sft(batch: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
     return _pad_batch([(list(e.prompt_ids) + list(e.response_ids), len(e.prompt_ids))
                        for e in batch], pad_id)

@@ -146,12 +146,37 @@ def _fill_from_safetensors(model, model_dir: Path) -> None:
                     param.data.copy_(fh.get_tensor(key))
 
 
+# ZeRO-3 sizes that ds_configs/ may leave as "auto", as multiples of the hidden size h (the
+# rules of the HF DeepSpeed integration): a reduce bucket of one h x h matrix, prefetch of 0.9 of
+# one, and parameters under 10 h elements (norms, biases) kept whole on every rank instead of
+# being gathered layer by layer (tiny collectives cost latency, not bandwidth).
+ZERO_AUTO = {"reduce_bucket_size": lambda h: h * h,
+             "stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+             "stage3_param_persistence_threshold": lambda h: 10 * h}
+
+
+def resolve_zero_auto(ds_config: dict, hidden_size: int | None) -> dict:
+    """ds_config with its "auto" ZeRO sizes replaced by ZERO_AUTO of the model's hidden size."""
+    zero = dict(ds_config.get("zero_optimization", {}))
+    for key, rule in ZERO_AUTO.items():
+        if zero.get(key) == "auto" and hidden_size:
+            zero[key] = rule(hidden_size)
+    left = sorted(k for k, v in zero.items() if v == "auto")
+    if left:
+        raise ValueError(f"ds_config zero_optimization: cannot resolve 'auto' for "
+                         f"{', '.join(left)} (resolved: {', '.join(ZERO_AUTO)}, from the "
+                         f"model's hidden_size={hidden_size})")
+    return {**ds_config, "zero_optimization": zero}
+
+
 def build_engine(model_dir: Path, ds_config: dict, train: bool, lr_lambda=None,
                  gradient_checkpointing: bool = False):
     """A ZeRO-3 engine over the HF model in model_dir (optimizer + LambdaLR when train)."""
     import deepspeed  # noqa: PLC0415
 
-    cfg = dict(ds_config)
+    model_cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    hidden = model_cfg.get("hidden_size") or model_cfg.get("text_config", {}).get("hidden_size")
+    cfg = resolve_zero_auto(ds_config, hidden)
     if not train:
         cfg.pop("optimizer", None)
     model = _build_partitioned(model_dir, cfg, gradient_checkpointing and train)

@@ -1,8 +1,10 @@
 """DPO on ZeRO-3 for one preference direction, with precomputed reference log-probs.
 
 helpful+ and helpful- differ only by label switching (chosen <-> rejected); both read the same
-reference table. One forward runs chosen and rejected concatenated; the loss is a pure function
-from prefvec_ds.train.losses.
+reference table. One forward runs chosen and rejected together: by default one row per pair,
+prompt + chosen + rejected with the rejected response masked from the chosen one, so the shared
+prompt is computed once (`dpo.share_prompt`); only labelled positions reach the LM head
+(prefvec_ds.train.logps.batch_logps). The loss is a pure function from prefvec_ds.train.losses.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import torch
 from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import is_held_out
-from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs, direction_view
+from prefvec_ds.data.tokenize import TokenizedPair, direction_view, pair_tokens
 from prefvec_ds.dist import engine as dist
-from prefvec_ds.train.logps import sequence_logps, split_pair_logps
+from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.losses import LOSSES, preference_loss
 from prefvec_ds.train.ref_logps import ref_table, tokenized_preference
@@ -33,18 +35,20 @@ def oriented(pairs: list[TokenizedPair], table: dict, sign: int):
 
 
 def pair_forward(engine, pairs, ref, idx, pad_id: int, cfg: RunConfig):
-    """Loss, metrics and token count of the pairs `idx` in one concatenated forward."""
-    batch = collate_pairs([pairs[i] for i in idx], pad_id)
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps, ntok = sequence_logps(logits, batch["labels"])
-    ref_c, ref_r = ref[idx, 0].to(logps.dtype), ref[idx, 1].to(logps.dtype)
+    """Loss, metrics and token count of the pairs `idx` in one forward (chosen and rejected
+    together: one shared-prompt row per pair, or chosen rows then rejected rows)."""
+    chunk = [pairs[i] for i in idx]
+    batch = pair_collate(engine, cfg.dpo.share_prompt)(chunk, pad_id)
+    logps, ntok = batch_logps(engine, batch)
+    ref = ref[idx].to(logps.device)
+    ref_c, ref_r = ref[:, 0], ref[:, 1]
     if LOSSES[cfg.dpo.loss_type].average_logps:
         logps = logps / ntok.clamp(min=1)
-        ref_c, ref_r = ref_c / ref[idx, 2].clamp(min=1), ref_r / ref[idx, 3].clamp(min=1)
+        ref_c, ref_r = ref_c / ref[:, 2].clamp(min=1), ref_r / ref[:, 3].clamp(min=1)
     pol_c, pol_r = split_pair_logps(logps.float())
     loss, metrics = preference_loss(pol_c, pol_r, ref_c.float(), ref_r.float(), cfg.dpo.beta,
                                     cfg.dpo.loss_type, cfg.dpo.label_smoothing)
-    return loss, metrics, int(batch["attention_mask"].sum())
+    return loss, metrics, sum(pair_tokens(p) for p in chunk)
 
 
 def evaluate_pairs(engine, pairs, ref, pad_id: int, cfg: RunConfig) -> dict[str, float]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.schema import OptimConfig
@@ -105,12 +106,16 @@ def _save(engine, spec: LoopSpec, step: int) -> None:
     dist.save_checkpoint(engine, spec.ckpt_dir, step, {"step": step, "rng": _rng_state()})
 
 
-def _reduce_train_metrics(sums: dict[str, float], elapsed: float, engine) -> dict[str, float]:
+def _reduce_train_metrics(sums: dict[str, float], elapsed: float, steps: int,
+                          engine) -> dict[str, float]:
+    """Means over ranks and micro-batches; tokens/s and s/step over the wall time since the
+    previous row (logging included, evaluation excluded)."""
     totals = dist.all_reduce_sum(sums)
     n = totals.pop("_micro_batches")
     tokens = totals.pop("_tokens")
     row = {k: v / n for k, v in totals.items()}
     row["tokens/s"] = tokens / max(elapsed, 1e-9)
+    row["s/step"] = elapsed / max(steps, 1)
     row["lr"] = engine.get_lr()[0]
     grad_norm = engine.get_global_grad_norm()
     row["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
@@ -129,14 +134,17 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
     if spec.evaluate is not None and step == 0:
         log.add(0, "eval", spec.evaluate(0))
     sums: dict[str, float] = defaultdict(float)
-    t0 = time.perf_counter()
+    t0, logged_step = time.perf_counter(), step
     engine.train()
     while step < spec.total_steps:
         for idx in rank_micro_batches(step, spec.n_examples, spec.stage, dist.world_size(),
                                       dist.rank(), spec.seed):
-            loss, metrics, n_tokens = spec.compute(idx)
-            engine.backward(loss)
-            engine.step()
+            with record_function("loop/forward"):
+                loss, metrics, n_tokens = spec.compute(idx)
+            with record_function("loop/backward"):
+                engine.backward(loss)
+            with record_function("loop/step"):
+                engine.step()
             for key, value in metrics.items():
                 sums[key] += float(value)
             sums["loss"] += loss.item()
@@ -144,12 +152,16 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
             sums["_micro_batches"] += 1
         step += 1
         if step % spec.stage.log_every == 0 or step == spec.total_steps:
-            log.add(step, "train", _reduce_train_metrics(sums, time.perf_counter() - t0, engine))
-            sums, t0 = defaultdict(float), time.perf_counter()
+            now = time.perf_counter()  # logging counts towards the next row's wall time
+            row = _reduce_train_metrics(sums, now - t0, step - logged_step, engine)
+            sums, t0, logged_step = defaultdict(float), now, step
+            log.add(step, "train", row)
         evaluated = bool(spec.evaluate and spec.eval_every and step % spec.eval_every == 0)
         if evaluated:
+            t_eval = time.perf_counter()
             log.add(step, "eval", spec.evaluate(step))
             engine.train()
+            t0 += time.perf_counter() - t_eval  # held-out evaluation is not training time
         saved = bool(spec.stage.save_every and step % spec.stage.save_every == 0)
         if saved:
             _save(engine, spec, step)

@@ -8,6 +8,7 @@ reference's memory and its forward pass, about a quarter of a step's compute.
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 
 import torch
@@ -16,10 +17,10 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import resolve_ds_config
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_preference
-from prefvec_ds.data.tokenize import TokenizedPair, collate_pairs, fingerprint_pairs, tokenize_pairs
+from prefvec_ds.data.tokenize import TokenizedPair, fingerprint_pairs, pair_tokens, tokenize_pairs
 from prefvec_ds.dist import engine as dist
 from prefvec_ds.models.hf import model_fingerprint
-from prefvec_ds.train.logps import sequence_logps, split_pair_logps
+from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.schedule import shard_for_eval
 from prefvec_ds.train.stage import base_model_dir, load_tokenizer, run_path
 
@@ -79,18 +80,24 @@ def ref_table(cfg: RunConfig, preference: str, base: Path, tokenizer,
     if table is not None:
         return table
     engine = dist.build_engine(base, ds, train=False)
-    micro = cfg.dpo.micro_batch_size
+    collate = pair_collate(engine, cfg.dpo.share_prompt)
+    # pairs of similar length share a micro-batch: little padding (the order is irrelevant here)
+    by_length = sorted(range(len(pairs)), key=lambda i: pair_tokens(pairs[i]))
     mine: list[tuple[int, float, float, int, int]] = []
+    start = time.perf_counter()
     with torch.no_grad():
-        for idx, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(), micro):
-            batch = collate_pairs([pairs[i] for i in idx], tokenizer.pad_token_id)
-            logits = engine(input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"]).logits
-            logps, ntok = sequence_logps(logits, batch["labels"])
-            (c, r), (nc, nr) = split_pair_logps(logps), split_pair_logps(ntok)
+        for pos, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(),
+                                        cfg.dpo.micro_batch_size):
+            idx = [by_length[i] for i in pos]
+            logps, ntok = batch_logps(engine, collate([pairs[i] for i in idx],
+                                                      tokenizer.pad_token_id))
+            (c, r), (nc, nr) = split_pair_logps(logps.cpu()), split_pair_logps(ntok.cpu())
             if keep:
                 mine += list(zip(idx, c.tolist(), r.tolist(), nc.tolist(), nr.tolist()))
     rows = sorted(row for part in dist.all_gather_objects(mine) for row in part)
+    if dist.rank() == 0:
+        print(f"reference log-probs: {len(pairs)} pairs in {time.perf_counter() - start:.1f} s",
+              flush=True)
     if dist.rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
