@@ -12,10 +12,12 @@ import re
 from dataclasses import dataclass, field
 
 from prefvec_ds.config.checks import check as _check
+from prefvec_ds.config.evaluation import EvalConfig
+from prefvec_ds.mora.config import MoraConfig
 
 #: Stage kinds in DAG order; `slurm.time` has one limit per kind.
-STAGE_KINDS = ("sft", "ref_logps", "dpo", "vectors", "merge", "eval")
-DEFAULT_TIMES = {"sft": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
+STAGE_KINDS = ("sft", "mora", "ref_logps", "dpo", "vectors", "merge", "eval")
+DEFAULT_TIMES = {"sft": "04:00:00", "mora": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
                  "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 
@@ -107,12 +109,13 @@ class PipelineConfig:
 
     merges: list[MergeConfig] = field(default_factory=_default_merges)
     """Merged models to build, each {name, eta}; default: one `default` with every eta = 1."""
-    eval_prompts: int = 200
-    """Held-out prompts the eval stage generates answers for, per model."""
-    eval_max_new_tokens: int = 24
-    """Greedy-decoding budget per answer in the eval stage."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The eval stage: eta sweep grid, scorers, decoding, margins, vector diagnostics (seeds,
+    STI); see prefvec_ds/config/evaluation.py."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources and preemption settings for `prefvec submit`."""
+    mora: MoraConfig = field(default_factory=MoraConfig)
+    """MORA data synthesis (`prefvec mora`; a `mora` stage after SFT when `enabled`)."""
 
     def __post_init__(self):
         _check(isinstance(self.merges, list) and len(self.merges) > 0, "pipeline.merges",
@@ -128,6 +131,5 @@ class PipelineConfig:
         names = [m.name for m in merges]
         _check(len(set(names)) == len(names), "pipeline.merges", "distinct names", names)
         self.merges = merges
-        _check(self.eval_prompts >= 1, "pipeline.eval_prompts", ">= 1", self.eval_prompts)
-        _check(self.eval_max_new_tokens >= 1, "pipeline.eval_max_new_tokens", ">= 1",
-               self.eval_max_new_tokens)
+        if isinstance(self.eval, dict):
+            self.eval = EvalConfig(**self.eval)

@@ -13,7 +13,7 @@ from prefvec_ds.config.checks import check as _check
 from prefvec_ds.config.pipeline import PipelineConfig
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl")
+SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora")  # mora: prefvec mora's pairs
 
 
 
@@ -37,7 +37,8 @@ class ModelConfig:
 @dataclass
 class PreferenceConfig:
     source: str = "embedded"
-    """Where pairs come from: embedded | pku_saferlhf | hh_rlhf | jsonl."""
+    """Where pairs come from: embedded | pku_saferlhf | hh_rlhf | jsonl | mora (pairs written by
+    the MORA stage; `path: "{run_dir}/mora/pairs.jsonl"` or a `mixed/<name>.jsonl`)."""
     path: str = ""
     """Local json/jsonl/jsonl.gz/parquet file, or a `datasets` hub name (pku_saferlhf, hh_rlhf)."""
     order_by: str = "better_response_id"
@@ -77,7 +78,8 @@ class DataConfig:
     drop_overlong_prompts: bool = False
     """A prompt longer than max_len is an error (default) or, if true, its pair is dropped."""
     sft_source: str = "embedded"
-    """SFT data: `embedded`, or a json/jsonl/parquet file of {prompt, response}, {messages} or
+    """SFT data: `embedded`, `embedded-multi-intent` (the same plus 25% fused harmful + benign
+    prompts, for MORA), or a json/jsonl/parquet file of {prompt, response}, {messages} or
     Alpaca {instruction, input, output} rows."""
     embedded_size: int = 2000
     """Number of generated preference rows of the embedded data set."""
@@ -154,9 +156,16 @@ class DPOConfig(OptimConfig):
     """Conservative DPO: probability that a label is flipped (sigmoid loss only)."""
     eval_every: int = 0
     """Evaluate held-out pairs every N steps (0 = at start and end only)."""
+    share_prompt: bool = True
+    """Run each pair as one sequence prompt+chosen+rejected, the rejected response masked from
+    the chosen one, so the shared prompt is computed once (same log-probs; ~35% fewer tokens
+    on HH-RLHF). Needs sdpa or eager attention; with flash-attention kernels, or false, chosen
+    and rejected are two rows of the batch (the usual layout)."""
 
     def __post_init__(self):
         self._validate("dpo")
+        _check(isinstance(self.share_prompt, bool), "dpo.share_prompt", "true or false",
+               self.share_prompt)
         _check(self.beta > 0, "dpo.beta", "> 0", self.beta)
         _check(self.loss_type in LOSS_TYPES, "dpo.loss_type", "|".join(LOSS_TYPES),
                self.loss_type)

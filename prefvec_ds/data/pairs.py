@@ -17,6 +17,11 @@ class PreferencePair:
     rejected: str
     origin: str = ""
     """`file:row` of the source row, for error messages."""
+    chosen_safe: bool | None = None
+    """Safety label of the chosen response (PKU `is_response_X_safe`); None = unlabelled.
+    Used by the cost model's sign term; not part of key()."""
+    rejected_safe: bool | None = None
+    """Safety label of the rejected response; None = unlabelled."""
 
     def key(self) -> str:
         """Order-free identity (prompt + both responses): the same pair under every label."""

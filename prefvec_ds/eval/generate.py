@@ -11,48 +11,17 @@ not depend on what ran before in the process (the sweep's points stay comparable
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.checks import check
+# the spec is a config section (pipeline.eval.generation, mora.selfplay...): it lives with the
+# config dataclasses and is re-exported here, where it is used
+from prefvec_ds.config.evaluation import BACKENDS, GenerationSpec  # noqa: F401
 from prefvec_ds.data.pairs import Messages
 
-BACKENDS = ("auto", "transformers", "vllm")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-@dataclass
-class GenerationSpec:
-    """How answers are decoded."""
-
-    max_new_tokens: int = 32
-    """Budget of new tokens per answer."""
-    do_sample: bool = False
-    """False: greedy (deterministic); True: temperature / top-p sampling."""
-    temperature: float = 1.0
-    """Sampling temperature (ignored when greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (ignored when greedy)."""
-    num_samples: int = 1
-    """Answers per prompt (Pass@N in MORA); > 1 needs do_sample."""
-    batch_size: int = 32
-    """Prompts per generate call (times num_samples sequences)."""
-    seed: int = 0
-    """Sampling seed; batch b uses seed + b."""
-    backend: str = "auto"
-    """auto (vLLM when installed and a GPU is present, else transformers), transformers, vllm."""
-
-    def __post_init__(self):
-        check(self.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1", self.max_new_tokens)
-        check(self.temperature > 0, "generation.temperature", "> 0", self.temperature)
-        check(0 < self.top_p <= 1, "generation.top_p", "in (0, 1]", self.top_p)
-        check(self.num_samples >= 1, "generation.num_samples", ">= 1", self.num_samples)
-        check(self.num_samples == 1 or self.do_sample, "generation.num_samples",
-              "1 when do_sample is false (greedy answers are all the same)", self.num_samples)
-        check(self.batch_size >= 1, "generation.batch_size", ">= 1", self.batch_size)
-        check(self.backend in BACKENDS, "generation.backend", " | ".join(BACKENDS), self.backend)
 
 
 def device() -> str:

@@ -54,6 +54,7 @@ SCORER_KINDS = {
     "reward_model": "prefvec_ds.eval.preference_model:RewardModelScorer",
     "cost_model": "prefvec_ds.eval.preference_model:CostModelScorer",
     "refusal": "prefvec_ds.eval.refusal:RefusalScorer",
+    "rules_dual": "prefvec_ds.mora.scoring:DualRuleScorer",  # helpful+harmless on every prompt
 }
 
 

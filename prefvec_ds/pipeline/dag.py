@@ -1,5 +1,11 @@
 """The stage DAG of one run: sft -> ref_logps[p] -> dpo[p+, p-] -> vectors[p] -> merge[m] -> eval.
 
+With `pipeline.mora.enabled`, a `mora` stage (MORA data synthesis) follows sft, and every
+preference whose source is `mora` waits for it: sft -> mora -> ref_logps[p] -> ...
+`pipeline.eval.diagnostic_seeds` add dpo/<p>+@seed<k>, dpo/<p>-@seed<k> and vectors/<p>@seed<k>
+(outputs under <run_dir>/seeds/<k>/) for the cross-seed cosine. The eval stage (the eta sweep)
+reads theta_base and every vector itself, so it depends on them as well as on the merges.
+
 A Stage knows its upstream stages, the folder it writes, the file that proves it finished, and
 the config slice its result depends on (its own inputs' fingerprint; upstream results enter
 through their manifests, see prefvec_ds.pipeline.manifest). Stages of one kind form a group:
@@ -18,9 +24,12 @@ from pathlib import Path
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.pipeline import STAGE_KINDS
 from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.eval.grid import check_names
 
 #: Kinds whose work runs as a rank group (deepspeed launcher locally, srun under SLURM).
-DISTRIBUTED_KINDS = ("sft", "ref_logps", "dpo")
+DISTRIBUTED_KINDS = ("sft", "mora", "ref_logps", "dpo")  # mora: one shard per rank, no group
+#: `dpo/helpful+@seed43`, `vectors/helpful@seed43`: pipeline.eval.diagnostic_seeds stages
+SEED_MARK = "@seed"
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,27 @@ def _data_globals(cfg: RunConfig) -> dict:
             "embedded_size": d.embedded_size, "embedded_seed": d.embedded_seed}
 
 
+def _preference_slice(cfg: RunConfig, pcfg) -> dict:
+    """A preference's config; a MORA pairs path inside the run folder is kept relative to it,
+    so that a copied run folder stays up to date."""
+    out = dataclasses.asdict(pcfg)
+    if pcfg.source == "mora":
+        out["path"] = out["path"].replace(str(Path(cfg.run_dir).resolve()), "{run_dir}")
+    return out
+
+
+def _mora_stage(cfg: RunConfig, base_dep: tuple[str, ...]) -> Stage:
+    """MORA data synthesis: samples from theta_base (unless pipeline.mora.policy is set)."""
+    mora = cfg.pipeline.mora
+    prefs = {k: _preference_slice(cfg, v) for k, v in cfg.data.preferences.items()}
+    settings = dataclasses.asdict(mora)
+    settings.pop("plots")  # figures only: `prefvec mora --gather-only` redraws them
+    return Stage(
+        "mora", "mora", "", () if mora.policy else base_dep, ("mora",), "mora/done.json",
+        _slice(seed=cfg.seed, mora=settings, data=_data_globals(cfg), preferences=prefs,
+               base=cfg.model.base))
+
+
 def ds_config_digest(cfg: RunConfig) -> str:
     """The DeepSpeed JSON's content (not its path): precision and ZeRO knobs change results."""
     from prefvec_ds.config.loader import find_ds_config  # noqa: PLC0415
@@ -102,23 +132,45 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
                    sft_source=cfg.data.sft_source, sft=dataclasses.asdict(cfg.sft), ds=ds,
                    world=world)))
         base_dep = ("sft",)
+    mora_dep: tuple[str, ...] = ()
+    if cfg.pipeline.mora.enabled:
+        stages.append(_mora_stage(cfg, base_dep))
+        mora_dep = ("mora",)
     for pref, pcfg in cfg.data.preferences.items():
-        pref_data = {**data, "preference": dataclasses.asdict(pcfg)}
+        pref_data = {**data, "preference": _preference_slice(cfg, pcfg)}
+        deps = base_dep + (mora_dep if pcfg.source == "mora" else ())
         stages.append(Stage(
-            f"ref_logps/{pref}", "ref_logps", pref, base_dep, (f"ref_logps/{pref}.pt",),
+            f"ref_logps/{pref}", "ref_logps", pref, deps, (f"ref_logps/{pref}.pt",),
             f"ref_logps/{pref}.pt", _slice(base=cfg.model.base, data=pref_data, ds=ds)))
     for direction in cfg.directions():
         pref = direction[:-1]
-        pref_data = {**data, "preference": dataclasses.asdict(cfg.data.preferences[pref])}
+        pref_data = {**data, "preference": _preference_slice(cfg, cfg.data.preferences[pref])}
         stages.append(Stage(
             f"dpo/{direction}", "dpo", direction, (f"ref_logps/{pref}",),
             (f"dpo/{direction}",), f"dpo/{direction}/done.json",
             _slice(seed=cfg.seed, dpo=dataclasses.asdict(cfg.dpo), data=pref_data, ds=ds,
                    world=world, checkpointing=cfg.model.gradient_checkpointing)))
-    for pref in cfg.data.preferences:
+    check_names(cfg.pipeline.eval, list(cfg.data.preferences), cfg.seed)
+    seeded = [(seed, pref) for seed in cfg.pipeline.eval.diagnostic_seeds
+              for pref in (cfg.pipeline.eval.diagnostic_preferences or cfg.data.preferences)]
+    for seed, pref in seeded:  # the same DPO with another seed, for the cross-seed cosine
+        pref_data = {**data, "preference": _preference_slice(cfg, cfg.data.preferences[pref])}
+        for sign in "+-":
+            key = f"{pref}{sign}{SEED_MARK}{seed}"
+            stages.append(Stage(
+                f"dpo/{key}", "dpo", key, (f"ref_logps/{pref}",), (output_dir("dpo", key),),
+                f"{output_dir('dpo', key)}/done.json",
+                _slice(seed=seed, dpo=dataclasses.asdict(cfg.dpo), data=pref_data, ds=ds,
+                       world=world, checkpointing=cfg.model.gradient_checkpointing)))
+    vector_keys = list(cfg.data.preferences) + [f"{p}{SEED_MARK}{s}" for s, p in seeded]
+    for key in vector_keys:
+        pref, seed = split_seed(key)
+        plus, minus = (f"{pref}{sign}" + (f"{SEED_MARK}{seed}" if seed is not None else "")
+                       for sign in "+-")
         stages.append(Stage(
-            f"vectors/{pref}", "vectors", pref, (f"dpo/{pref}+", f"dpo/{pref}-"),
-            (f"vectors/{pref}",), f"vectors/{pref}/prefvec_vector.json", _slice(format=1)))
+            f"vectors/{key}", "vectors", key, (f"dpo/{plus}", f"dpo/{minus}"),
+            (output_dir("vectors", key),), f"{output_dir('vectors', key)}/prefvec_vector.json",
+            _slice(format=1)))
     for name, eta in merge_etas(cfg).items():
         deps = base_dep + tuple(f"vectors/{p}" for p, e in eta.items() if e != 0.0)
         stages.append(Stage(
@@ -126,12 +178,33 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
             f"merged/{name}/config.json",
             _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype)))
     p = cfg.pipeline
+    # the sweep reads theta_base and every vector itself; the merged folders are scored too
+    deps = (base_dep + tuple(f"vectors/{k}" for k in vector_keys)
+            + tuple(f"merge/{m.name}" for m in p.merges))
     stages.append(Stage(
-        "eval", "eval", "", tuple(f"merge/{m.name}" for m in p.merges), ("eval",),
-        "eval/summary.json",
-        _slice(prompts=p.eval_prompts, new_tokens=p.eval_max_new_tokens, data=data,
-               preferences={k: dataclasses.asdict(v) for k, v in cfg.data.preferences.items()})))
+        "eval", "eval", "", deps, ("eval",), "eval/summary.json",
+        _slice(eval=dataclasses.asdict(p.eval), base=cfg.model.base, data=data,
+               preferences={k: _preference_slice(cfg, v)
+                            for k, v in cfg.data.preferences.items()})))
     return stages
+
+
+def split_seed(key: str) -> tuple[str, int | None]:
+    """'helpful+@seed43' -> ('helpful+', 43); 'helpful+' -> ('helpful+', None)."""
+    name, sep, seed = key.partition(SEED_MARK)
+    return name, (int(seed) if sep else None)
+
+
+def seed_run_dir(cfg: RunConfig, seed: int) -> Path:
+    """The run folder of a diagnostic seed's DPO and vectors: <run_dir>/seeds/<seed>."""
+    return Path(cfg.run_dir) / "seeds" / str(seed)
+
+
+def output_dir(kind: str, key: str) -> str:
+    """Folder (relative to run_dir) of a dpo or vectors stage: `dpo/helpful+`, or for a
+    diagnostic seed `seeds/43/dpo/helpful+` (a run folder of its own, sharing theta_base)."""
+    name, seed = split_seed(key)
+    return f"{kind}/{name}" if seed is None else f"seeds/{seed}/{kind}/{name}"
 
 
 def groups(stages: list[Stage]) -> list[tuple[str, list[Stage]]]:

@@ -32,7 +32,8 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline import manifest
-from prefvec_ds.pipeline.dag import Stage, build_dag, groups, merge_etas, stage_by_name
+from prefvec_ds.pipeline.dag import (SEED_MARK, Stage, build_dag, groups, merge_etas,
+                                     output_dir, seed_run_dir, split_seed, stage_by_name)
 
 REQUEUE_EXIT_CODE = 99  # prefvec_ds.train.loop.REQUEUE_EXIT_CODE (not imported: it pulls in torch)
 INJECTED_FAILURE_EXIT = 3
@@ -44,7 +45,31 @@ def _entry_args(cfg: RunConfig, stage: Stage) -> list[str]:
         return ["sft", cfg.source_path]
     if stage.kind == "ref_logps":
         return ["ref-logps", cfg.source_path, "--preference", stage.key]
-    return ["dpo", cfg.source_path, "--direction", stage.key]
+    direction, seed = split_seed(stage.key)
+    if seed is None:
+        return ["dpo", cfg.source_path, "--direction", direction]
+    # a diagnostic seed: the same DPO in the run folder <run_dir>/seeds/<seed>, from the same
+    # theta_base (and the same reference log-probs, see _share_ref_logps)
+    from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
+
+    base = Path(base_model_dir(cfg, must_exist=False)).resolve()
+    return ["dpo", cfg.source_path, f"seed={seed}",
+            f"run_dir={seed_run_dir(cfg, seed).resolve()}", f"model.base={base}",
+            "--direction", direction]
+
+
+def _share_ref_logps(cfg: RunConfig, stage: Stage) -> None:
+    """A diagnostic-seed DPO reads the run's reference table (same theta_base, same pairs):
+    link it into the seed's run folder instead of recomputing it."""
+    direction, seed = split_seed(stage.key)
+    if stage.kind != "dpo" or seed is None:
+        return
+    name = f"{direction[:-1]}.pt"
+    link = seed_run_dir(cfg, seed).resolve() / "ref_logps" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.unlink(missing_ok=True)  # a dangling link
+        link.symlink_to(Path("..", "..", "..", "ref_logps", name))
 
 
 def rank_command(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
@@ -71,9 +96,11 @@ def tool_command(cfg: RunConfig, stage: Stage) -> list[str]:
     """`prefvec vector|merge` argv (run in this process) for a vectors or merge stage."""
     run = Path(cfg.run_dir)
     if stage.kind == "vectors":
-        return ["vector", "--plus", str(run / "dpo" / f"{stage.key}+" / "ckpt"),
-                "--minus", str(run / "dpo" / f"{stage.key}-" / "ckpt"),
-                "--out", str(run / "vectors" / stage.key), "--overwrite"]
+        pref, seed = split_seed(stage.key)
+        tag = "" if seed is None else f"{SEED_MARK}{seed}"
+        return ["vector", "--plus", str(run / output_dir("dpo", f"{pref}+{tag}") / "ckpt"),
+                "--minus", str(run / output_dir("dpo", f"{pref}-{tag}") / "ckpt"),
+                "--out", str(run / output_dir("vectors", stage.key)), "--overwrite"]
     from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
 
     eta = merge_etas(cfg)[stage.key]
@@ -110,6 +137,7 @@ def _forwarding(proc: subprocess.Popen) -> None:
 
 def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
                      devices: list[int] | None) -> int:
+    _share_ref_logps(cfg, stage)
     cmd = rank_command(cfg, stage, launcher, port, devices)
     print(f"[prefvec] {stage.name}: {' '.join(cmd)}", flush=True)
     if launcher == "srun":
@@ -131,6 +159,22 @@ def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | No
             return proc.wait()
         except InterruptedError:  # a forwarded signal interrupted wait(): the ranks run on
             continue
+
+
+def _run_mora(cfg: RunConfig, launcher: str, devices: list[int] | None) -> int:
+    """MORA shards as ranks (srun tasks, or local processes), then the gather in this process."""
+    from prefvec_ds.mora import stage as mora  # noqa: PLC0415
+    from prefvec_ds.mora.gather import gather  # noqa: PLC0415
+
+    mora.check_fingerprint(cfg)
+    argv = [cfg.source_path]
+    if launcher == "srun":
+        rc = mora.launch_srun(argv, cfg.pipeline.slurm.srun_args)
+    else:
+        rc = mora.launch_local(argv, cfg.distributed.nproc_per_node, devices)
+    if rc == 0:
+        gather(cfg)
+    return rc
 
 
 def _run_in_process(cfg: RunConfig, stage: Stage) -> int:
@@ -176,8 +220,11 @@ def execute(cfg: RunConfig, stage: Stage, launcher: str, port: int | None = None
         manifest.finish(run_dir, stage, "skipped", 0, msg)
         return 0
     try:
-        rc = (_run_distributed(cfg, stage, launcher, port, devices) if stage.distributed
-              else _run_in_process(cfg, stage))
+        if stage.kind == "mora":
+            rc = _run_mora(cfg, launcher, devices)
+        else:
+            rc = (_run_distributed(cfg, stage, launcher, port, devices) if stage.distributed
+                  else _run_in_process(cfg, stage))
     except BaseException as err:  # noqa: BLE001 - record why, then let it propagate
         manifest.finish(run_dir, stage, "failed", 1, f"{type(err).__name__}: {err}")
         raise

@@ -16,6 +16,7 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.loader import find_ds_config, load_config, resolve_ds_config, to_dict
 from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.mora.pairs_io import expand_preference_paths
 from prefvec_ds.pipeline.dag import Stage, build_dag
 from prefvec_ds.train.stage import init_model_dir
 
@@ -33,6 +34,10 @@ def validate(cfg: RunConfig) -> None:
         init_model_dir(cfg, materialize=False)
         resolve_ds_config(cfg, cfg.sft, world)
     resolve_ds_config(cfg, cfg.dpo, world)
+    if cfg.pipeline.mora.enabled:
+        from prefvec_ds.mora.stage import validate as validate_mora  # noqa: PLC0415
+
+        validate_mora(cfg)
     build_dag(cfg)  # checks pipeline.merges against data.preferences
 
 
@@ -40,6 +45,7 @@ def prepare(config: str | Path, overrides: list[str] | tuple = ()) -> tuple[RunC
     """Load and validate, write the snapshot, and return the config read back from it."""
     cfg = load_config(config, overrides)
     validate(cfg)
+    expand_preference_paths(cfg)  # "{run_dir}/mora/pairs.jsonl" -> an absolute path
     raw = to_dict(cfg)
     raw["run_dir"] = str(Path(cfg.run_dir).resolve())
     raw["distributed"]["ds_config"] = str(find_ds_config(cfg).resolve())

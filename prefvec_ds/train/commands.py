@@ -1,4 +1,5 @@
-"""`prefvec train sft|ref-logps|dpo`: validate in this process, then launch the ranks."""
+"""`prefvec train sft|ref-logps|dpo`: validate in this process, then launch the ranks;
+`prefvec train rm|cost`: a reward / cost model in this process."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from prefvec_ds import PrefvecError
 
 
 def add_parsers(sub) -> None:
-    train = sub.add_parser("train", help="run one training stage (SFT, reference log-probs, DPO)")
+    train = sub.add_parser("train", help="run one training stage (SFT, reference log-probs, DPO) "
+                                         "or a reward / cost model")
     stages = train.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, help_text in (("sft", "SFT of the start model -> theta_base"),
                              ("ref-logps", "reference log-probs of a preference, once"),
@@ -26,7 +28,27 @@ def add_parsers(sub) -> None:
                        help="how to start ranks; none = this process only "
                             "(default distributed.launcher; inside srun/mpirun: none)")
         p.set_defaults(func=run_train)
+    add_preference_model_parsers(stages)
     add_model_parsers(sub)
+
+
+def add_preference_model_parsers(stages) -> None:
+    for stage, help_text in (("rm", "reward model (Bradley-Terry) on preference pairs"),
+                             ("cost", "cost model (Safe-RLHF loss with the safety-sign term)")):
+        p = stages.add_parser(stage, help=help_text)
+        p.add_argument("config", help="preference-model config YAML (see recipes/scorers/rm-minilm.yaml)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=300")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+        p.set_defaults(func=run_train_preference_model)
+
+
+def run_train_preference_model(args: argparse.Namespace) -> int:
+    """One process, plain PyTorch (see prefvec_ds.train.rm for why not DeepSpeed)."""
+    from prefvec_ds.train.rm import load_rm_config, train_preference_model  # noqa: PLC0415
+
+    kind = "reward" if args.stage == "rm" else "cost"
+    train_preference_model(load_rm_config(args.config, args.overrides, kind), args.overwrite)
+    return 0
 
 
 def validate(args: argparse.Namespace):

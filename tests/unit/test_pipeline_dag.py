@@ -22,7 +22,9 @@ RECIPE = REPO / "recipes" / "quickstart.yaml"
 
 
 def cfg_for(tmp_path, *overrides):
-    return load_config(RECIPE, [f"run_dir={tmp_path}", *overrides])
+    # without the recipe's diagnostic seed (tests/unit/test_eval_pipeline.py covers its stages)
+    return load_config(RECIPE, [f"run_dir={tmp_path}", "pipeline.eval.diagnostic_seeds=[]",
+                                *overrides])
 
 
 def finish_all(run_dir, stages, names=None):

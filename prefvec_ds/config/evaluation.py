@@ -1,0 +1,142 @@
+"""The `pipeline.eval` section (the eta sweep, its scorers and decoding, vector diagnostics) and
+GenerationSpec, the decoding settings that eval and MORA share (prefvec_ds.eval.generate).
+
+The eval stage (and `prefvec sweep`) loads theta_base once in fp32, and for every grid point
+applies sum_p eta_p * phi_p in place, answers the held-out prompts, scores the answers, measures
+the log-prob preference margin of held-out pairs, and removes the vectors again. Preference names
+are checked against `data.preferences` when the DAG is built (`prefvec_ds.eval.grid`). Nothing
+here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefvec_ds.config.checks import check
+
+GRIDS = ("auto", "product", "pairs", "axes")
+BACKENDS = ("auto", "transformers", "vllm")
+
+
+@dataclass
+class GenerationSpec:
+    """How answers are decoded."""
+
+    max_new_tokens: int = 32
+    """Budget of new tokens per answer."""
+    do_sample: bool = False
+    """False: greedy (deterministic); True: temperature / top-p sampling."""
+    temperature: float = 1.0
+    """Sampling temperature (ignored when greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (ignored when greedy)."""
+    num_samples: int = 1
+    """Answers per prompt (Pass@N in MORA); > 1 needs do_sample."""
+    batch_size: int = 32
+    """Prompts per generate call (times num_samples sequences)."""
+    seed: int = 0
+    """Sampling seed; batch b uses seed + b."""
+    backend: str = "auto"
+    """auto (vLLM when installed and a GPU is present, else transformers), transformers, vllm."""
+
+    def __post_init__(self):
+        check(self.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1", self.max_new_tokens)
+        check(self.temperature > 0, "generation.temperature", "> 0", self.temperature)
+        check(0 < self.top_p <= 1, "generation.top_p", "in (0, 1]", self.top_p)
+        check(self.num_samples >= 1, "generation.num_samples", ">= 1", self.num_samples)
+        check(self.num_samples == 1 or self.do_sample, "generation.num_samples",
+              "1 when do_sample is false (greedy answers are all the same)", self.num_samples)
+        check(self.batch_size >= 1, "generation.batch_size", ">= 1", self.batch_size)
+        check(self.backend in BACKENDS, "generation.backend", " | ".join(BACKENDS), self.backend)
+
+
+def _default_etas() -> list[float]:
+    return [-1.0, -0.5, 0.0, 0.5, 1.0]
+
+
+def _default_scorers() -> list:
+    return ["rules"]
+
+
+@dataclass
+class EvalConfig:
+    """What the eval stage measures and at which eta points."""
+
+    etas: list[float] = field(default_factory=_default_etas)
+    """Values that each swept preference's eta takes (the paper: -1, -0.5, 0, 0.5, 1)."""
+    grid: str = "auto"
+    """Which eta combinations are points: product (every combination over all preferences:
+    5^P points), pairs (a 2-D grid per pair of preferences, the others at rest_eta), axes (one
+    preference at a time, the others at rest_eta), auto (product for up to two preferences,
+    else pairs). A point always includes eta = 0 everywhere (theta_base)."""
+    pairs: list[list[str]] = field(default_factory=list)
+    """grid=pairs: the pairs of preferences to sweep (empty: every pair)."""
+    rest_eta: float = 0.0
+    """grid=pairs|axes: eta of the preferences a point does not sweep (0: left out; 1: the
+    paper's default merge)."""
+    prompts: int = 200
+    """Held-out prompts (distinct prompts of the held-out pairs of every preference) answered
+    at every point."""
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    """Decoding of the answers. Sampled decoding (do_sample, num_samples > 1) measures rates
+    that move smoothly with eta; greedy flips whole answers at a threshold. Each batch reseeds
+    from (seed, batch), so every point sees the same random draws (common random numbers:
+    differences between points are not sampling noise)."""
+    scorers: list = field(default_factory=_default_scorers)
+    """Scorer specs, each a kind or {kind: ..., options}: rules (the embedded world's helpful,
+    harmless = refusal of harmful prompts, over_refusal, verbosity), reward_model, cost_model,
+    refusal (prefvec_ds.eval.scorers)."""
+    margin_pairs: int = 200
+    """Held-out pairs per preference whose log-prob margin log p(chosen) - log p(rejected)
+    (and accuracy: the share with a positive margin) is measured at every point; 0: off.
+    No generation: cheap and deterministic."""
+    samples_in_report: int = 3
+    """Answers shown per point in the report (all answers go to eval/answers.jsonl)."""
+    diagnostic_seeds: list[int] = field(default_factory=list)
+    """Extra DPO seeds: each adds dpo/<p>+@seed<k>, dpo/<p>-@seed<k> and vectors/<p>@seed<k>
+    (under <run_dir>/seeds/<k>/, sharing theta_base and the reference log-probs) for the
+    cross-seed cosine of the vectors (paper: 0.998-0.999). Costs two DPO runs per preference
+    and seed."""
+    diagnostic_preferences: list[str] = field(default_factory=list)
+    """Preferences that get the diagnostic seeds (empty: every preference)."""
+    sti_rank: int = 8
+    """Subspace Task Interference: rank k of each vector's per-matrix SVD (paper: 8)."""
+    sti_matrices: int = 32
+    """Subspace Task Interference: the number of largest-norm weight matrices (paper: 32)."""
+
+    def __post_init__(self):
+        check(isinstance(self.etas, list) and len(self.etas) > 0 and all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) for e in self.etas),
+            "pipeline.eval.etas", "a non-empty list of numbers", self.etas)
+        self.etas = sorted({float(e) for e in self.etas})
+        check(self.grid in GRIDS, "pipeline.eval.grid", " | ".join(GRIDS), self.grid)
+        check(isinstance(self.pairs, list) and all(
+            isinstance(p, list) and len(p) == 2 and p[0] != p[1] for p in self.pairs),
+            "pipeline.eval.pairs", "a list of [preference, other preference]", self.pairs)
+        check(isinstance(self.rest_eta, (int, float)), "pipeline.eval.rest_eta", "a number",
+              self.rest_eta)
+        self.rest_eta = float(self.rest_eta)
+        if isinstance(self.generation, dict):
+            self.generation = GenerationSpec(**self.generation)
+        check(self.prompts >= 1, "pipeline.eval.prompts", ">= 1", self.prompts)
+        check(isinstance(self.scorers, list) and all(
+            isinstance(s, str) or (isinstance(s, dict) and "kind" in s) for s in self.scorers),
+            "pipeline.eval.scorers", "a list of scorer kinds or {kind: ...} mappings",
+            self.scorers)
+        from prefvec_ds.eval.scorers import SCORER_KINDS  # noqa: PLC0415 (config loads first)
+
+        for spec in self.scorers:
+            kind = spec if isinstance(spec, str) else spec["kind"]
+            check(kind in SCORER_KINDS, "pipeline.eval.scorers", " | ".join(SCORER_KINDS), kind)
+        check(self.margin_pairs >= 0, "pipeline.eval.margin_pairs", ">= 0", self.margin_pairs)
+        check(self.samples_in_report >= 0, "pipeline.eval.samples_in_report", ">= 0",
+              self.samples_in_report)
+        check(isinstance(self.diagnostic_seeds, list) and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in self.diagnostic_seeds)
+            and len(set(self.diagnostic_seeds)) == len(self.diagnostic_seeds),
+            "pipeline.eval.diagnostic_seeds", "a list of distinct integers",
+            self.diagnostic_seeds)
+        check(isinstance(self.diagnostic_preferences, list), "pipeline.eval.diagnostic_preferences",
+              "a list of preference names", self.diagnostic_preferences)
+        check(self.sti_rank >= 1, "pipeline.eval.sti_rank", ">= 1", self.sti_rank)
+        check(self.sti_matrices >= 1, "pipeline.eval.sti_matrices", ">= 1", self.sti_matrices)
