@@ -7,6 +7,7 @@
   two final assistant responses.
 - generic jsonl: {prompt, chosen, rejected}.
 - embedded: the generated world of prefvec_ds.data.embedded, in PKU schema.
+- mora: pairs written by the MORA stage (prefvec_ds.mora), {prompt, chosen, rejected, ...}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages, PreferencePair, user_prompt
 
 PKU_COLUMNS = ("prompt", "response_0", "response_1")
+EMBEDDED_MULTI_INTENT = "embedded-multi-intent"
 
 
 def read_rows(path: str, split: str = "train") -> list[dict]:
@@ -73,7 +75,9 @@ def pku_pairs(rows: list[dict], order_by: str, where: str) -> list[PreferencePai
         if idx not in (0, 1):
             raise PrefvecError(f"{loc}: column {order_by} must be 0 or 1, got {idx!r}")
         chosen, rejected = row[f"response_{idx}"], row[f"response_{1 - idx}"]
-        out.append(PreferencePair(user_prompt(row["prompt"]), chosen, rejected, loc))
+        labels = [row.get(f"is_response_{i}_safe") for i in (idx, 1 - idx)]
+        safe = [None if label is None else bool(label) for label in labels]
+        out.append(PreferencePair(user_prompt(row["prompt"]), chosen, rejected, loc, *safe))
     return out
 
 
@@ -137,6 +141,10 @@ def load_preference(name: str, pref: PreferenceConfig, data: DataConfig) -> list
     if pref.source == "embedded":
         rows = embedded.preference_rows(data.embedded_size, data.embedded_seed)
         pairs = pku_pairs(rows, pref.order_by, f"embedded[{name}]")
+    elif pref.source == "mora":
+        from prefvec_ds.mora.pairs_io import read_pairs  # noqa: PLC0415
+
+        pairs = read_pairs(pref.path, name)
     else:
         rows = read_rows(pref.path, pref.split)
         if pref.source == "pku_saferlhf":
@@ -159,6 +167,9 @@ def load_sft_examples(data: DataConfig) -> list[tuple[Messages, str]]:
     if data.sft_source == "embedded":
         return [(user_prompt(r["prompt"]), r["response"])
                 for r in embedded.sft_examples(data.embedded_size, data.embedded_seed)]
+    if data.sft_source == EMBEDDED_MULTI_INTENT:  # opt-in: also fused prompts (MORA)
+        return [(user_prompt(r["prompt"]), r["response"]) for r in
+                embedded.sft_examples_multi_intent(data.embedded_size, data.embedded_seed)]
     out = []
     for i, row in enumerate(read_rows(data.sft_source)):
         loc = f"{data.sft_source}:{i}"
