@@ -13,10 +13,12 @@ Huge pages matter: an O_DIRECT request is cut into at most 254 memory segments (
 so with 4 KiB pages a request is ~1 MiB and reads ran at 0.5-0.6 GB/s; buffers on transparent huge
 pages (2 MiB, MAP_PRIVATE + MADV_HUGEPAGE) let requests reach the device's 4 MiB limit.
 
-O_DIRECT needs 4096-aligned offsets, lengths and buffers: a read fetches the aligned blocks around
-the wanted bytes and returns a view of them; a written file is gathered in an aligned stage,
-written in whole blocks, the last one padded and the file truncated to its size. Where a file
-system refuses O_DIRECT (EINVAL), or PREFVEC_DIRECT_IO=0, the same calls go through the page cache.
+O_DIRECT needs ALIGN-aligned offsets, lengths and buffers: a read fetches the aligned blocks
+around the wanted bytes (the last one may end at the end of the file: a short read) and returns a
+view of them; a written file is gathered in aligned stages, written in whole blocks, the last one
+padded and the file truncated to its size. Where a file system refuses O_DIRECT (EINVAL at open
+or at the first read or write), or with PREFVEC_DIRECT_IO=0, the same calls go through the page
+cache. I/O errors become PrefvecErrors naming the file.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from prefvec_ds import PrefvecError
 
-ALIGN = 4096
+ALIGN = 4096            # covers 512-byte and 4 KiB logical blocks
 _HUGE = 2 << 20
 STAGE_BYTES = 8 << 20   # one O_DIRECT write
 ENABLED = os.environ.get("PREFVEC_DIRECT_IO", "1") != "0" and hasattr(os, "O_DIRECT")
@@ -51,63 +53,84 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(area, dtype=np.uint8, count=nbytes, offset=start)
 
 
+def _align_up(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _io_error(path, what: str, err: OSError) -> PrefvecError:
+    return PrefvecError(f"file {path}: {what} failed: {err.strerror or err}")
+
+
+def pread_exact(fd: int, view, offset: int, path) -> None:
+    """Fill `view` with the bytes of `fd` (the file `path`) from `offset`, or raise at its end."""
+    view = memoryview(view).cast("B")
+    done = 0
+    while done < len(view):  # preadv may return short counts on big reads
+        try:
+            n = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise _io_error(path, f"read at byte {offset + done}", err) from err
+        if n <= 0:
+            raise PrefvecError(f"file {path}: unexpected end of file at byte {offset + done}")
+        done += n
+
+
 class DirectReader:
     """Positioned reads with O_DIRECT where the file allows it, else through the page cache.
-    File descriptors are shared by all threads (preadv is positional) and closed by close()."""
+    One fd per file and way, shared by all threads (preadv is positional); closed by close()."""
 
     def __init__(self):
-        self._fds: dict[tuple, int | None] = {}
-        self._plain: dict[tuple, int] = {}
-        self._lock = threading.Lock()
+        self._direct: dict[str, int | None] = {}  # None: O_DIRECT refused for this file
+        self._plain: dict[str, int] = {}
+        self._refused: list[int] = []  # O_DIRECT fds that refused a read; another thread may
+        self._lock = threading.Lock()  # still be in a read on one, so they close at the end
 
     def _fd(self, path, direct: bool) -> int | None:
-        st = os.stat(path)  # keyed by inode and mtime too: a rewritten file gets a fresh fd
-        key = (str(path), st.st_ino, st.st_mtime_ns)
-        table = self._fds if direct else self._plain
-        if key not in table:
-            with self._lock:
-                if key not in table:
-                    try:
-                        table[key] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
-                    except OSError as err:
-                        if not direct or err.errno != errno.EINVAL:
-                            raise
-                        table[key] = None
-        return table[key]
+        key, table = str(path), self._direct if direct else self._plain
+        with self._lock:
+            if key not in table:
+                try:
+                    table[key] = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+                except OSError as err:
+                    if not direct or err.errno != errno.EINVAL:
+                        raise _io_error(path, "open", err) from err
+                    table[key] = None
+            return table[key]
 
     def read(self, path, offset: int, nbytes: int, buf: np.ndarray) -> np.ndarray:
-        """Bytes [offset, offset + nbytes) of `path`, as a view into `buf` (aligned, at least
-        nbytes + 2 * ALIGN long)."""
+        """Bytes [offset, offset + nbytes) of `path`, as a view into `buf` (2 MiB-aligned, at
+        least nbytes + 2 * ALIGN long: the read widens to whole blocks)."""
+        if buf.size < nbytes + 2 * ALIGN:
+            raise ValueError(f"buffer of {buf.size} bytes for a read of {nbytes}")
         fd = self._fd(path, True) if ENABLED else None
         if fd is not None:
             start = offset - offset % ALIGN
             head = offset - start
-            want = -(-(head + nbytes) // ALIGN) * ALIGN
             try:
-                got = _pread_blocks(fd, memoryview(buf)[:want], start)
+                got = _pread_blocks(fd, memoryview(buf)[:_align_up(head + nbytes)], start)
             except OSError as err:
                 if err.errno != errno.EINVAL:
-                    raise
+                    raise _io_error(path, f"read at byte {start}", err) from err
+                with self._lock:  # opened O_DIRECT, yet refused it: page cache from now on
+                    if self._direct.get(str(path)) == fd:
+                        self._direct[str(path)] = None
+                        self._refused.append(fd)
             else:
                 if got < head + nbytes:
                     raise PrefvecError(f"file {path}: unexpected end of file at byte {start + got}")
                 return buf[head:head + nbytes]
-            with self._lock:  # opened O_DIRECT, yet refused it: page cache from now on
-                for key, direct_fd in self._fds.items():
-                    if key[0] == str(path) and direct_fd is not None:
-                        os.close(direct_fd)
-                        self._fds[key] = None
         view = buf[:nbytes]
-        _pread_all(self._fd(path, False), view, offset, path)
+        pread_exact(self._fd(path, False), view, offset, path)
         return view
 
     def close(self) -> None:
         with self._lock:
-            for fd in [*self._fds.values(), *self._plain.values()]:
+            for fd in [*self._direct.values(), *self._plain.values(), *self._refused]:
                 if fd is not None:
                     os.close(fd)
-            self._fds.clear()
+            self._direct.clear()
             self._plain.clear()
+            self._refused.clear()
 
 
 def _pread_blocks(fd: int, view: memoryview, offset: int) -> int:
@@ -121,21 +144,12 @@ def _pread_blocks(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-def _pread_all(fd: int, view, offset: int, path) -> None:
-    view = memoryview(view).cast("B")
-    done = 0
-    while done < len(view):  # preadv may return short counts on big reads
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise PrefvecError(f"file {path}: unexpected end of file at byte {offset + done}")
-        done += n
-
-
 class BufferedFile:
     """Unbuffered write() calls into the page cache; `durable` starts write-back of every piece
     at once (fadvise DONTNEED) and fdatasyncs on close."""
 
     def __init__(self, path, durable: bool = True):
+        self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.durable = durable
         self.pos = 0
@@ -143,14 +157,17 @@ class BufferedFile:
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         start = self.pos
-        while view:  # a single write() stops at ~2 GiB on Linux
-            n = os.write(self.fd, view)
-            view = view[n:]
-            self.pos += n
-        if self.durable and self.pos > start and hasattr(os, "posix_fadvise"):
-            # DONTNEED on just-written pages starts their write-back now (asynchronously) and
-            # drops them from the page cache once clean: disk writes overlap our reads.
-            os.posix_fadvise(self.fd, start, self.pos - start, os.POSIX_FADV_DONTNEED)
+        try:
+            while view:  # a single write() stops at ~2 GiB on Linux
+                n = os.write(self.fd, view)
+                view = view[n:]
+                self.pos += n
+            if self.durable and self.pos > start and hasattr(os, "posix_fadvise"):
+                # DONTNEED on just-written pages starts their write-back now (asynchronously)
+                # and drops them from the page cache once clean: disk writes overlap our reads.
+                os.posix_fadvise(self.fd, start, self.pos - start, os.POSIX_FADV_DONTNEED)
+        except OSError as err:
+            raise _io_error(self.path, "write", err) from err
 
     def close(self, complete: bool = True) -> None:
         if self.fd < 0:
@@ -158,6 +175,8 @@ class BufferedFile:
         try:
             if complete and self.durable:
                 os.fdatasync(self.fd)
+        except OSError as err:
+            raise _io_error(self.path, "write", err) from err
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -166,9 +185,11 @@ class BufferedFile:
 class DirectFile:
     """O_DIRECT writes of whole aligned STAGE_BYTES blocks, from aligned staging buffers (the
     copy into them is a user-space memcpy with the GIL released), by a background thread: the
-    caller goes on while the device writes, and the device always has a write queued. Always
-    durable. Construct with `open_output`, which falls back to BufferedFile where O_DIRECT is
-    refused."""
+    caller goes on while the device writes, and the device always has a write queued. Memory is
+    the STAGES buffers, which circulate between the caller and the thread (so both queues hold
+    at most STAGES items). Always durable. Construct with `open_output`, which falls back to
+    BufferedFile where O_DIRECT is refused at open; a refusal at the first write switches the
+    thread to the page cache."""
 
     STAGES = 2  # one being written while the other fills
 
@@ -195,26 +216,22 @@ class DirectFile:
             self.fill += n
             src = src[n:]
             if self.fill == STAGE_BYTES:
-                self._hand_over(STAGE_BYTES)
+                if self._error is not None:  # a failed write: stop at once
+                    raise self._error
+                self._full.put((self.stage, STAGE_BYTES, self.pos))
+                self.pos += STAGE_BYTES
+                self.fill = 0
                 self.stage = self._free.get()
 
-    def _hand_over(self, nbytes: int) -> None:
-        if self._error is not None:
-            raise self._error
-        self._full.put((self.stage, nbytes, self.pos))
-        self.pos += self.fill
-        self.fill = 0
-
     def _drain(self) -> None:
-        while True:
-            item = self._full.get()
-            if item is None:
-                return
+        while (item := self._full.get()) is not None:
             stage, nbytes, pos = item
             try:
                 if self._error is None:
                     self._pwrite(memoryview(stage)[:nbytes], pos)
-            except BaseException as err:  # reported by the next write() or close()
+            except OSError as err:  # reported by the next write() or by close()
+                self._error = _io_error(self.path, f"write at byte {pos}", err)
+            except BaseException as err:
                 self._error = err
             self._free.put(stage)
 
@@ -231,21 +248,25 @@ class DirectFile:
                 self.buffered = True
 
     def close(self, complete: bool = True) -> None:
+        """Write what is staged (padded to a block), wait for the thread, truncate to size and
+        fdatasync; with complete=False (an error elsewhere) just stop the thread and close."""
         if self.fd < 0:
             return
+        size = self.pos + self.fill
+        if complete and self.fill and self._error is None:
+            padded = _align_up(self.fill)  # the truncate below drops the padding
+            self.stage[self.fill:padded] = 0
+            self._full.put((self.stage, padded, self.pos))
+        self._full.put(None)
+        self._thread.join()  # always: the thread must not outlive the fd
         try:
-            size = self.pos + self.fill
-            if complete and self.fill:  # pad the last block; the truncate drops the padding
-                padded = -(-self.fill // ALIGN) * ALIGN
-                self.stage[self.fill:padded] = 0
-                self._hand_over(padded)
-            self._full.put(None)
-            self._thread.join()
             if complete:
                 if self._error is not None:
                     raise self._error
                 os.ftruncate(self.fd, size)
                 os.fdatasync(self.fd)  # file size, and the device's write cache
+        except OSError as err:
+            raise _io_error(self.path, "write", err) from err
         finally:
             os.close(self.fd)
             self.fd = -1
@@ -258,5 +279,8 @@ def open_output(path, direct: bool, durable: bool = True):
             return DirectFile(path)
         except OSError as err:
             if err.errno != errno.EINVAL:
-                raise
-    return BufferedFile(path, durable)
+                raise _io_error(path, "open", err) from err
+    try:
+        return BufferedFile(path, durable)
+    except OSError as err:
+        raise _io_error(path, "open", err) from err

@@ -5,9 +5,9 @@ vector (a saved vector, or plus/minus rank slices subtracted on the fly). stream
 through it in 1M-element chunks: phi is formed and scaled in place and added to the base chunk
 where it was read, the chunk is checked for NaN/Inf while in cache, cast, and appended to its
 shard, while threads read ahead (coalesced O_DIRECT reads) and compute the next chunks. Peak
-memory is set by the pipeline's bounded queues (~0.3 GB), so it does not grow with the model
-(nor with its largest tensor); the output appears only when complete (atomic rename). No torch
-import on this path.
+memory is set by the pipeline's bounded queues (~0.15-0.2 GB), so it does not grow with the
+model (nor with its largest tensor); the output appears only when complete (atomic rename). No
+torch import on this path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
-from prefvec_ds.ckpt.segments import FDS, Segment, Term
+from prefvec_ds.ckpt.segments import Segment, Term
 from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
 from prefvec_ds.ckpt.stream import OutputTensor, run_plan
 from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
@@ -169,13 +169,10 @@ def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: st
         raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
                            "pass --config-from HF_FOLDER so the merged model is loadable")
     specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out)
-    try:
-        with atomic_output_dir(Path(out), overwrite) as tmp:
-            with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
-                                          direct=True) as writer:
-                run_plan(plan, writer, workers, desc="merge")
-            copied = _copy_config(cfg_src, tmp, dtype)
-    finally:
-        FDS.close()  # also after errors: a cached fd must not outlive its file
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
+                                      direct=True) as writer:
+            run_plan(plan, writer, workers, desc="merge")
+        copied = _copy_config(cfg_src, tmp, dtype)
     return {"out": str(out), "dtype": dtype, "tensors": len(specs), "copied": copied,
             "bytes": sum(s.nbytes for s in specs)}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.directio import pread_exact
 from prefvec_ds.ckpt.dtypes import FLOAT_CODES, ITEMSIZE, widen_into
 
 CHUNK_ELEMS = 1 << 20           # elements per chunk (4 MiB of fp32)
@@ -82,14 +83,7 @@ FDS = FdCache()
 
 def pread_into(path: Path, offset: int, view) -> None:
     """Fill `view` (a writable buffer) with the bytes of `path` from `offset`."""
-    fd = FDS.get(path)
-    view = memoryview(view).cast("B")
-    done = 0
-    while done < len(view):  # preadv may return short counts on big reads
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise PrefvecError(f"file {path}: unexpected end of file at byte {offset + done}")
-        done += n
+    pread_exact(FDS.get(path), view, offset, path)
 
 
 def _scratch(nbytes: int) -> np.ndarray:

@@ -5,20 +5,25 @@ A plan is a list of OutputTensor (name, size, output dtype, Terms). It is cut in
 most JOB_ELEMS elements, and also wherever a segment starts (a ZeRO-3 rank boundary), so each
 input side of a job is one byte range of one file. Consecutive ranges of the same input stream
 (a term's side in one file: e.g. the plus checkpoint's rank-1 partition, read front to back) are
-coalesced into blocks of up to BLOCK_BYTES, each read by one O_DIRECT request (directio.py).
+coalesced into blocks of up to BLOCK_BYTES (two fp32 jobs), each read by one O_DIRECT request
+(directio.py). A block may span up to _GAP bytes nobody asked for (a ZeRO-3 partition's padding
+elements between two parameters): one read is cheaper than two, and those bytes are never used.
 Each request has a fixed cost on this VM's disk: reading the 3 GB of fp32 partitions of the 374M
 checkpoints from 2 threads (machine loaded) ran at 1.2 GB/s with 2 MiB requests (a rank half of
 an attention matrix, the size of uncoalesced reads) and 1.6-1.8 GB/s with 16 MiB ones; with the
 merge's 1.5 GB of writes going on, 4.5 GB of reads took 4.3-4.9 s in 4 MiB requests, 3.7-4.1 s
 in 16 MiB ones. 8 MiB blocks keep most of that gain with half the memory (see below).
 
-Three stages overlap: `workers` threads read blocks ahead in the order jobs need them (blocks in
-memory are capped at READ_AHEAD_BYTES, beyond what the jobs in flight need), `workers` threads
-combine each job in place in its blocks (numpy releases the GIL), check NaN/Inf and cast, and the
-calling thread appends the results to the writer in order and frees each block once its last job
-is written. Memory is set by these bounds, not by the model: ~0.15 GB peak RSS. Keeping it small
-is also faster: fresh memory is expensive on first touch in this VM (256 MB took 0.1-2.9 s in a
-new process), and with 16 MiB blocks and a 128 MiB cap (0.29 GB RSS) merges ran ~15% slower.
+Three stages overlap: `workers` threads read blocks ahead in the order jobs need them (every block
+the queued jobs need, and at least READ_AHEAD_BLOCKS buffers' worth), `workers` threads combine
+each job in place in its blocks (numpy releases the GIL), check NaN/Inf and cast, and the calling
+thread appends the results to the writer in order and gives each block's buffer back once its
+last job is written. Every queue is bounded (at most 2 * workers + 2 jobs queued), so memory is
+set by these bounds, not by the model or its largest tensor: ~0.15-0.2 GB peak RSS. Keeping it
+small is also faster: fresh memory is expensive on first touch in this VM (256 MB took 0.1-2.9 s
+in a new process), and with 16 MiB blocks and a 128 MiB cap (0.29 GB RSS) merges ran ~15% slower.
+An error in any thread (a read, the arithmetic, NaN/Inf, the writer) stops the pipeline: queued
+work is cancelled and the error is raised here.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ from prefvec_ds.ckpt.dtypes import ITEMSIZE, narrow_into, widen_into
 from prefvec_ds.ckpt.segments import check_finite, chunked_dot, combine
 
 JOB_ELEMS = 1 << 20                 # output elements per job (4 MiB of fp32)
-BLOCK_BYTES = 8 << 20               # one read request, at most
-READ_AHEAD_BYTES = 48 << 20         # blocks in memory, unless the jobs in flight need more
+BLOCK_BYTES = 8 << 20               # wanted bytes of one read request, at most
+READ_AHEAD_BLOCKS = 6               # block buffers held at least (48 MiB), when blocks remain
+_BUF_BYTES = BLOCK_BYTES + 2 * ALIGN  # a block's buffer: its read widens to whole ALIGN blocks
 _GAP = 64 << 10                     # skipped bytes a block may span (ZeRO-3 padding is a few)
 
 
@@ -86,16 +92,20 @@ class _Job:
     pieces: list = field(default_factory=list)   # per term: per side: _Piece
 
 
+def _sides(t: OutputTensor) -> list[list[tuple]]:
+    """Per term, the segment lists the job reads (a raw tensor: its first term's first side)."""
+    if t.raw:
+        return [list(t.terms[0].sides()[:1])]
+    return [list(term.sides()) for term in t.terms]
+
+
 def _cuts(t: OutputTensor) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of `t`: cut at every segment start of every side, then by JOB_ELEMS."""
-    cuts = {0, t.numel}
-    for term in t.terms:
-        for side in term.sides():
-            cuts.update(s.start for s in side if 0 < s.start < t.numel)
-    cuts = sorted(cuts)
-    widest = max([ITEMSIZE[s.dtype] for term in t.terms for side in term.sides() for s in side]
-                 + [4])  # a job's widest input must fit a block, with room to align its read
-    step = min(JOB_ELEMS * 4, BLOCK_BYTES - 2 * ALIGN) // widest
+    """[lo, hi) ranges of `t`: cut at every segment start of every side, then into jobs of at
+    most 4 MiB of the widest input (JOB_ELEMS of fp32), so a block holds two."""
+    sides = [side for term in _sides(t) for side in term]
+    cuts = sorted({0, t.numel} | {s.start for side in sides for s in side if 0 < s.start < t.numel})
+    widest = max([ITEMSIZE[s.dtype] for side in sides for s in side] + [4])
+    step = JOB_ELEMS * 4 // widest
     return [(lo, min(b, lo + step)) for a, b in zip(cuts, cuts[1:]) for lo in range(a, b, step)]
 
 
@@ -103,26 +113,22 @@ def plan_jobs(tensors: list[OutputTensor]) -> tuple[list[_Job], list[_Block]]:
     """Jobs in writing order, and the blocks they read, in the order they are first needed."""
     jobs, blocks, streams = [], [], {}
     for t in tensors:
-        terms = t.terms[:1] if t.raw else t.terms
-        for lo, hi in _cuts(t) or [(0, 0)]:
-            job = _Job(t, lo, hi)
-            for k, term in enumerate(terms):
-                sides = []
-                for s, side in enumerate(term.sides()[:1] if t.raw else term.sides()):
-                    if hi == lo:
-                        continue
+        sides_per_term = _sides(t)
+        for lo, hi in _cuts(t) or [(0, 0)]:  # a 0-element tensor: one empty job
+            job = _Job(t, lo, hi, [[] for _ in sides_per_term])
+            jobs.append(job)
+            for k, sides in enumerate(sides_per_term):
+                for s, side in enumerate(sides if hi > lo else ()):
                     seg = next(x for x in side if x.start <= lo < x.start + x.count)
                     size = ITEMSIZE[seg.dtype]
                     offset, nbytes = seg.offset + (lo - seg.start) * size, (hi - lo) * size
                     block = streams.get((k, s, seg.file))
-                    if block is None or not block.end <= offset <= block.end + _GAP or \
-                            offset + nbytes - block.start + 2 * ALIGN > BLOCK_BYTES:
+                    if block is None or not block.end <= offset <= block.end + _GAP \
+                            or offset + nbytes - block.start > BLOCK_BYTES:
                         block = streams[(k, s, seg.file)] = _Block(seg.file, offset, offset)
                         blocks.append(block)
                     block.end, block.refs = offset + nbytes, block.refs + 1
-                    sides.append(_Piece(block, offset - block.start, nbytes, seg.dtype))
-                job.pieces.append(sides)
-            jobs.append(job)
+                    job.pieces[k].append(_Piece(block, offset - block.start, nbytes, seg.dtype))
     return jobs, blocks
 
 
@@ -145,6 +151,42 @@ class _Pool:
             self._free.append(buf)
 
 
+class _ReadAhead:
+    """Submits block reads in first-use order: every block the queued jobs need, and more while
+    fewer than READ_AHEAD_BLOCKS buffers are held. A buffer is counted from submission until
+    its block's last job is written (release), so a run of tiny blocks cannot pile up buffers."""
+
+    def __init__(self, blocks: list[_Block], executor, reader: DirectReader):
+        self.blocks, self.executor, self.reader = blocks, executor, reader
+        self.pool = _Pool(_BUF_BYTES)
+        self.submitted = 0
+        self.held = 0
+
+    def _read(self, block: _Block) -> None:
+        block.buf = self.pool.take()
+        block.view = self.reader.read(block.file, block.start, block.end - block.start, block.buf)
+
+    def submit(self, upto: int = 0) -> None:
+        """Submit reads until the first `upto` blocks are submitted and the read-ahead is full."""
+        while self.submitted < len(self.blocks) and (self.submitted < upto
+                                                      or self.held < READ_AHEAD_BLOCKS):
+            block = self.blocks[self.submitted]
+            block.future = self.executor.submit(self._read, block)
+            self.submitted += 1
+            self.held += 1
+
+    def release(self, block: _Block) -> None:
+        block.refs -= 1
+        if block.refs == 0:
+            self.pool.give(block.buf)
+            block.buf = block.view = None
+            self.held -= 1
+
+    def cancel(self) -> None:
+        for block in self.blocks[:self.submitted]:
+            block.future.cancel()
+
+
 def _fp32(piece: _Piece, scratch: _Pool, bufs: list) -> np.ndarray:
     if piece.dtype == "F32":
         return piece.bytes().view(np.float32)
@@ -158,7 +200,7 @@ def _compute(job: _Job, scratch: _Pool, norms: bool):
     """One job, once its blocks are read -> (bytes to write, scratch to give back, sq. norm)."""
     for sides in job.pieces:
         for piece in sides:
-            piece.block.future.result()
+            piece.block.future.result()  # re-raises the read's error
     t, bufs = job.tensor, []
     if job.hi == job.lo:
         return b"", bufs, 0.0
@@ -186,65 +228,42 @@ def run_plan(tensors: list[OutputTensor], writer, workers: int = 2, norms: bool 
     summed in a fixed order (deterministic), else 0.0.
     """
     jobs, blocks = plan_jobs(tensors)
-    order = {id(b): i for i, b in enumerate(blocks)}
+    first_use = {id(b): i for i, b in enumerate(blocks)}
     # need[j]: how many blocks (in first-use order) must be submitted before job j may run
-    need = [max((order[id(p.block)] + 1 for s in job.pieces for p in s), default=0) for job in jobs]
-    for j in range(1, len(need)):
-        need[j] = max(need[j], need[j - 1])
-    block_pool, scratch = _Pool(BLOCK_BYTES), _Pool(JOB_ELEMS * 4)
-    reader, total = DirectReader(), 0.0
-    state = {"next": 0, "ahead": 0}  # blocks submitted; bytes of submitted, unreleased blocks
-
-    def read_block(block: _Block) -> None:
-        block.buf = block_pool.take()
-        block.view = reader.read(block.file, block.start, block.end - block.start, block.buf)
-
-    def submit_reads(ex, upto: int) -> None:
-        while state["next"] < len(blocks) and (state["next"] < upto or
-                                               state["ahead"] < READ_AHEAD_BYTES):
-            block = blocks[state["next"]]
-            block.future = ex.submit(read_block, block)
-            state["next"] += 1
-            state["ahead"] += block.end - block.start
-
-    depth = 2 * workers + 2
+    need, most = [], 0
+    for job in jobs:
+        most = max([most] + [first_use[id(p.block)] + 1 for s in job.pieces for p in s])
+        need.append(most)
+    scratch, reader, total = _Pool(JOB_ELEMS * 4), DirectReader(), 0.0
+    depth = 2 * workers + 2  # jobs queued for the arithmetic threads
     try:
         with progress(sum(t.numel * ITEMSIZE[t.dtype] for t in tensors), desc) as bar, \
                 ThreadPoolExecutor(workers, thread_name_prefix="prefvec-read") as rex, \
                 ThreadPoolExecutor(workers, thread_name_prefix="prefvec-math") as cex:
-            pending: collections.deque = collections.deque()
+            reads, pending = _ReadAhead(blocks, rex, reader), collections.deque()
             try:
                 for j, job in enumerate(jobs):
                     while len(pending) < depth and j + len(pending) < len(jobs):
                         k = j + len(pending)
-                        submit_reads(rex, need[k])
+                        reads.submit(need[k])
                         pending.append(cex.submit(_compute, jobs[k], scratch, norms))
-                    submit_reads(rex, 0)
+                    reads.submit()
                     data, bufs, sq = pending.popleft().result()
-                    writer.append(job.tensor.name, data)
+                    writer.append(job.tensor.name, data)  # copies: the buffers are free again
                     for buf in bufs:
                         scratch.give(buf)
                     for sides in job.pieces:
                         for piece in sides:
-                            _release(piece.block, block_pool, state)
+                            reads.release(piece.block)
                     total += sq or 0.0
                     bar.update(len(data))
-            finally:
-                for fut in pending:  # on error: don't start queued work
+            finally:  # on error: start no queued work; running work ends before the pools exit
+                for fut in pending:
                     fut.cancel()
-                for block in blocks[:state["next"]]:
-                    block.future.cancel()
+                reads.cancel()
     finally:
         reader.close()
     return total
-
-
-def _release(block: _Block, pool: _Pool, state: dict) -> None:
-    block.refs -= 1
-    if block.refs == 0:
-        pool.give(block.buf)
-        block.buf = block.view = None
-        state["ahead"] -= block.end - block.start
 
 
 class _NoProgress:

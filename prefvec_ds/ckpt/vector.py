@@ -19,7 +19,6 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError, __version__
 from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
-from prefvec_ds.ckpt.segments import FDS
 from prefvec_ds.ckpt.sources import VECTOR_FORMAT, VECTOR_MANIFEST, DiffSource, open_source
 from prefvec_ds.ckpt.stream import OutputTensor, run_plan
 from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
@@ -38,8 +37,8 @@ def compute_vector(plus: str | Path, minus: str | Path, out: str | Path, dtype: 
     """Write phi = plus - minus to the vector folder `out`; return its manifest.
 
     plus/minus: ZeRO-3 checkpoint folders (with `latest`, or a tag folder) or HF folders.
-    Memory: the bounded read-ahead and chunk queues of stream.run_plan (~0.3 GB), whatever the
-    model size.
+    Memory: the bounded read-ahead and job queues of stream.run_plan (~0.15-0.2 GB), whatever
+    the model size.
     """
     if dtype not in VECTOR_DTYPES:
         raise PrefvecError(f"--dtype {dtype}: expected one of {', '.join(VECTOR_DTYPES)}")
@@ -50,19 +49,16 @@ def compute_vector(plus: str | Path, minus: str | Path, out: str | Path, dtype: 
     plan = [OutputTensor(n, _numel(diff.shape(n)), code, tuple(diff.terms(n, 1.0)),
                          label=f"vector {plus} - {minus}, parameter {n}") for n in names]
     started = time.perf_counter()
-    try:
-        with atomic_output_dir(Path(out), overwrite) as tmp:
-            with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
-                                          {"prefvec": VECTOR_FORMAT}, direct=True) as writer:
-                sq_norm = run_plan(plan, writer, workers, norms=True, desc="vector")
-            manifest = {
-                "format": VECTOR_FORMAT, "version": 1, "dtype": dtype,
-                "plus": str(plus), "minus": str(minus), "aliases": diff.aliases,
-                "fast_flat_path": diff.fast, "num_tensors": len(names),
-                "num_elements": sum(_numel(s.shape) for s in specs), "norm": math.sqrt(sq_norm),
-                "prefvec_version": __version__, "seconds": round(time.perf_counter() - started, 3),
-            }
-            (tmp / VECTOR_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finally:
-        FDS.close()  # also after errors: a cached fd must not outlive its file
+    with atomic_output_dir(Path(out), overwrite) as tmp:
+        with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
+                                      {"prefvec": VECTOR_FORMAT}, direct=True) as writer:
+            sq_norm = run_plan(plan, writer, workers, norms=True, desc="vector")
+        manifest = {
+            "format": VECTOR_FORMAT, "version": 1, "dtype": dtype,
+            "plus": str(plus), "minus": str(minus), "aliases": diff.aliases,
+            "fast_flat_path": diff.fast, "num_tensors": len(names),
+            "num_elements": sum(_numel(s.shape) for s in specs), "norm": math.sqrt(sq_norm),
+            "prefvec_version": __version__, "seconds": round(time.perf_counter() - started, 3),
+        }
+        (tmp / VECTOR_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest

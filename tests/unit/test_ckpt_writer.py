@@ -113,6 +113,7 @@ def test_direct_file_pads_truncates_and_falls_back(tmp_path, monkeypatch):
 
     from prefvec_ds.ckpt import directio
 
+    monkeypatch.setattr(directio, "ENABLED", True)  # also under PREFVEC_DIRECT_IO=0
     rng = np.random.default_rng(0)
     data = rng.integers(0, 255, size=3 * directio.STAGE_BYTES // 2 + 12345, dtype=np.uint8)
     pieces = [data[:7], data[7:5000], data[5000:]]
