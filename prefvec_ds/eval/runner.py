@@ -58,6 +58,14 @@ def seed_vectors(cfg: RunConfig) -> dict[str, dict[int, Path]]:
     return out
 
 
+def cap_cpu_threads(threads: int) -> None:
+    """pipeline.eval.cpu_threads torch threads when the sweep runs on CPU (0: leave as is)."""
+    import torch  # noqa: PLC0415
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+
+
 def _check_vectors(vectors: dict[str, Path]) -> None:
     for pref, path in vectors.items():
         if not Path(str(path).split(",")[0]).exists():
@@ -78,6 +86,7 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
 
     t0 = time.time()
     ecfg = cfg.pipeline.eval
+    cap_cpu_threads(ecfg.cpu_threads)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
     vectors = vectors or run_vectors(cfg)
     _check_vectors(vectors)
@@ -131,6 +140,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
     from prefvec_ds.eval.sweep import SweepSpec, evaluate_loaded  # noqa: PLC0415
 
     ecfg = cfg.pipeline.eval
+    cap_cpu_threads(ecfg.cpu_threads)
     model, tok = load_policy(model_dir, "fp32")
     if etas:
         apply_vectors(model, etas)
