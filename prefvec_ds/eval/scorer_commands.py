@@ -6,6 +6,8 @@
   layout (see --data); everything it trains lands under --out.
 - train-refusal: fits the refusal classifier on XSTest (+ optional labelled jsonl) into a folder
   that `{kind: refusal, path: ...}` reads.
+- pku-pairs: the PKU-SafeRLHF realign file ({prompt, response: [safer, worse]}) as a
+  {prompt, chosen, rejected} jsonl that `source: jsonl` reads (recipes/scorers/cost-pku.yaml).
 - knowledge: lm-eval accuracy of a HF folder (optionally with vectors applied in place).
 """
 
@@ -21,6 +23,7 @@ HH_FILE = "hh-rlhf/helpful-base-test.jsonl.gz"
 PKU_PAIRS_FILE = "pku_saferlhf/xinykou_pku_seferlhf_realign_dpo_5k.json"
 PKU_LABELLED_FILE = "pku_saferlhf/align_anything_preference_train.json"
 XSTEST_FILE = "xstest/xstest_v2_completions_gpt4_gpteval.csv"
+PKU_JSONL = "data/pku_safer_pairs.jsonl"  # under --out: the realign pairs as source: jsonl
 CHECKS = ("rm-hh", "rm-pku", "cost-pku", "refusal")
 
 
@@ -46,6 +49,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_train_refusal)
 
+    p = cmds.add_parser("pku-pairs", help="PKU-SafeRLHF realign pairs -> {prompt, chosen, "
+                                          "rejected} jsonl (source: jsonl)")
+    p.add_argument("source", help=f"realign JSON ({PKU_PAIRS_FILE} under the data folder)")
+    p.add_argument("--out", required=True, help="jsonl to write")
+    p.set_defaults(func=run_pku_pairs)
+
     p = cmds.add_parser("knowledge", help="knowledge retention with lm-eval "
                                           "(paper: CommonsenseQA)")
     p.add_argument("model", help="HF model folder (base or merged)")
@@ -65,25 +74,52 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_knowledge)
 
 
-def _rm_config(kind: str, name: str, out: Path, data: dict, args, **options):
-    from prefvec_ds.train.rm import RMConfig, default_train_config  # noqa: PLC0415
+def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
+               **options):
+    from prefvec_ds.train.rm import RMConfig, RMTrainConfig  # noqa: PLC0415
 
-    train = default_train_config()
-    if args.steps:
-        train.max_steps = args.steps
-    return RMConfig(kind=kind, backbone=args.backbone, out_dir=str(out / name), data=data,
+    train = RMTrainConfig(max_steps=steps) if steps else RMTrainConfig()
+    return RMConfig(kind=kind, backbone=backbone, out_dir=str(out / name), data=data,
                     train=train, **options)
 
 
-def _pku_pairs_jsonl(data: Path, out: Path) -> str:
-    """The 5k realign file ({prompt, response: [safer, worse]}) as {prompt, chosen, rejected}."""
-    src = data / PKU_PAIRS_FILE
-    rows = json.loads(src.read_text())
-    target = out / "data" / "pku_safer_pairs.jsonl"
+def check_configs(data: Path, out: Path, backbone: str = "minilm", steps: int = 0) -> dict:
+    """check name -> RMConfig. recipes/scorers/rm-hh.yaml and cost-pku.yaml are the same runs as
+    files (data ../shared/data, out runs; a unit test keeps them equal)."""
+    from prefvec_ds.config.schema import PreferenceConfig  # noqa: PLC0415
+
+    hh = PreferenceConfig(source="hh_rlhf", path=str(data / HH_FILE), eval_fraction=0.1)
+    pku = PreferenceConfig(source="jsonl", path=str(out / PKU_JSONL), eval_fraction=0.1)
+    # Safety labels exist only in the 32-row original-schema file: half of its prompts train
+    # the sign term (repeated 30x: ~10% of the training pairs instead of 0.3%), the other half
+    # measure it.
+    signs = PreferenceConfig(source="pku_saferlhf", path=str(data / PKU_LABELLED_FILE),
+                             order_by="safer_response_id", eval_fraction=0.5)
+    return {
+        "rm-hh": _rm_config("reward", "rm-hh", out, {"hh_helpful_base": hh}, backbone, steps),
+        "rm-pku": _rm_config("reward", "rm-pku", out, {"pku_safer_pairs": pku}, backbone, steps),
+        "cost-pku": _rm_config("cost", "cost-pku", out, {"pku_safer_pairs": pku,
+                                                         "pku_labelled": signs},
+                               backbone, steps, repeat={"pku_labelled": 30}),
+    }
+
+
+def write_pku_pairs_jsonl(src: Path, target: Path) -> int:
+    """The realign file ({prompt, response: [safer, worse]}) as {prompt, chosen, rejected} rows
+    in `target` (written atomically); returns the number of pairs."""
+    from prefvec_ds.atomic import write_text_atomic  # noqa: PLC0415
+    from prefvec_ds.data.sources import read_rows  # noqa: PLC0415
+
+    lines = []
+    for i, row in enumerate(read_rows(str(src))):
+        pair = row.get("response") if isinstance(row, dict) else None
+        if not (isinstance(pair, list) and len(pair) == 2 and "prompt" in row):
+            raise PrefvecError(f"{src}:{i}: expected {{prompt, response: [safer, worse]}}")
+        lines.append(json.dumps({"prompt": row["prompt"], "chosen": pair[0],
+                                 "rejected": pair[1]}) + "\n")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"][0],
-                                          "rejected": r["response"][1]}) + "\n" for r in rows))
-    return str(target)
+    write_text_atomic(target, "".join(lines))
+    return len(lines)
 
 
 def _transfer_accuracy(model_dir: Path, pairs) -> dict:
@@ -99,33 +135,22 @@ def _transfer_accuracy(model_dir: Path, pairs) -> dict:
 
 
 def check_models(args, data: Path, out: Path, only: set[str]) -> dict:
-    from prefvec_ds.config.schema import PreferenceConfig  # noqa: PLC0415
+    """Train the requested models; name -> {source: held-out metrics}. The HH reward model is
+    also scored on the 32 PKU rows ordered by helpfulness (better_response_id), never trained on.
+    """
     from prefvec_ds.data.sources import pku_pairs, read_rows  # noqa: PLC0415
     from prefvec_ds.train.rm import train_preference_model  # noqa: PLC0415
 
-    summary = {}
-    labelled = str(data / PKU_LABELLED_FILE)
-    if "rm-hh" in only:
-        hh = PreferenceConfig(source="hh_rlhf", path=str(data / HH_FILE), eval_fraction=0.1)
-        cfg = _rm_config("reward", "rm-hh", out, {"hh_helpful_base": hh}, args)
-        summary["rm-hh"] = train_preference_model(cfg, args.overwrite)["after"]
-        better = pku_pairs(read_rows(labelled), "better_response_id", labelled)
-        summary["rm-hh"]["pku_better_transfer"] = _transfer_accuracy(Path(cfg.out_dir), better)
+    configs = check_configs(data, out, args.backbone, args.steps)
     if only & {"rm-pku", "cost-pku"}:
-        pku = PreferenceConfig(source="jsonl", path=_pku_pairs_jsonl(data, out), eval_fraction=0.1)
-    if "rm-pku" in only:
-        cfg = _rm_config("reward", "rm-pku", out, {"pku_safer_pairs": pku}, args)
-        summary["rm-pku"] = train_preference_model(cfg, args.overwrite)["after"]
-    if "cost-pku" in only:
-        # Safety labels exist only in the 32-row original-schema file: half of its prompts
-        # train the sign term (repeated 30x: ~10% of the training pairs instead of 0.3%), the
-        # other half measure it.
-        signs = PreferenceConfig(source="pku_saferlhf", path=labelled,
-                                 order_by="safer_response_id", eval_fraction=0.5)
-        cfg = _rm_config("cost", "cost-pku", out, {"pku_safer_pairs": pku,
-                                                   "pku_labelled": signs}, args,
-                         repeat={"pku_labelled": 30})
-        summary["cost-pku"] = train_preference_model(cfg, args.overwrite)["after"]
+        write_pku_pairs_jsonl(data / PKU_PAIRS_FILE, out / PKU_JSONL)
+    summary = {name: train_preference_model(cfg, args.overwrite)["after"]
+               for name, cfg in configs.items() if name in only}
+    if "rm-hh" in summary:
+        labelled = str(data / PKU_LABELLED_FILE)
+        better = pku_pairs(read_rows(labelled), "better_response_id", labelled)
+        summary["rm-hh"]["pku_better_transfer"] = _transfer_accuracy(
+            Path(configs["rm-hh"].out_dir), better)
     return summary
 
 
@@ -147,10 +172,10 @@ def check_refusal(xstest: Path, out: Path, backbone: str, overwrite: bool) -> di
     topics = [R.xstest_group(r["type"]) for r in rows]
     result["classifier_leave_topic_out"] = R.binary_metrics(R.cross_validate(x, labels, topics),
                                                             labels)
-    folder = out / "refusal"
-    if folder.exists() and not overwrite:
-        raise PrefvecError(f"output folder {folder} already exists (pass --overwrite)")
-    R.RefusalClassifier.train(texts, labels, backbone, encoder=encoder).save(folder)
+    from prefvec_ds.ckpt.writer import atomic_output_dir  # noqa: PLC0415
+
+    with atomic_output_dir(out / "refusal", overwrite) as tmp:
+        R.RefusalClassifier.train(texts, labels, backbone, encoder=encoder).save(tmp)
     return result
 
 
@@ -183,8 +208,16 @@ def run_check(args: argparse.Namespace) -> int:
     needed = {"rm-hh": [HH_FILE, PKU_LABELLED_FILE], "rm-pku": [PKU_PAIRS_FILE],
               "cost-pku": [PKU_PAIRS_FILE, PKU_LABELLED_FILE], "refusal": [XSTEST_FILE]}
     missing = sorted({f for c in only for f in needed[c] if not (data / f).is_file()})
-    if missing:
-        raise PrefvecError(f"--data {data}: missing {', '.join(missing)}")
+    if missing:  # before any training: the data sets are not part of the repository
+        raise PrefvecError(
+            f"--data {data}: missing {', '.join(missing)}. The check needs the public data sets "
+            f"laid out as in ../shared/data (HH-RLHF helpful-base test, the PKU-SafeRLHF files, "
+            f"XSTest's labelled completions); pass --data FOLDER, or --only a subset of "
+            f"{','.join(CHECKS)} whose files you have")
+    taken = [str(out / c) for c in only if (out / c).exists()]
+    if taken and not args.overwrite:  # fail before minutes of training, not between models
+        raise PrefvecError(f"output folder(s) {', '.join(sorted(taken))} already exist (pass "
+                           "--overwrite to replace them)")
     summary = check_models(args, data, out, only)
     if "refusal" in only:
         summary["refusal"] = check_refusal(data / XSTEST_FILE, out, args.backbone,
@@ -192,6 +225,14 @@ def run_check(args: argparse.Namespace) -> int:
     write_json_atomic(out / "summary.json", summary)
     _print_summary(summary)
     print(f"wrote {out / 'summary.json'}")
+    return 0
+
+
+def run_pku_pairs(args: argparse.Namespace) -> int:
+    if not Path(args.source).is_file():
+        raise PrefvecError(f"PKU realign file {args.source} does not exist")
+    n = write_pku_pairs_jsonl(Path(args.source), Path(args.out))
+    print(f"wrote {args.out} ({n} pairs, chosen = the safer response)")
     return 0
 
 
@@ -209,7 +250,10 @@ def run_train_refusal(args: argparse.Namespace) -> int:
             raise PrefvecError(f"{args.extra}:{i}: expected keys response and refused")
         texts.append(row["response"])
         labels.append(bool(row["refused"]))
-    R.RefusalClassifier.train(texts, labels, args.backbone).save(out)
+    from prefvec_ds.ckpt.writer import atomic_output_dir  # noqa: PLC0415
+
+    with atomic_output_dir(out, args.overwrite) as tmp:
+        R.RefusalClassifier.train(texts, labels, args.backbone).save(tmp)
     print(f"wrote {out} ({len(texts)} responses, {sum(labels)} refusals)")
     return 0
 

@@ -36,7 +36,8 @@ def add_preference_model_parsers(stages) -> None:
     for stage, help_text in (("rm", "reward model (Bradley-Terry) on preference pairs"),
                              ("cost", "cost model (Safe-RLHF loss with the safety-sign term)")):
         p = stages.add_parser(stage, help=help_text)
-        p.add_argument("config", help="preference-model config YAML (see recipes/scorers/rm-minilm.yaml)")
+        p.add_argument("config", help="preference-model config YAML (recipes/scorers/: "
+                                      "rm-minilm.yaml, rm-hh.yaml, cost-pku.yaml)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=300")
         p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
         p.set_defaults(func=run_train_preference_model)

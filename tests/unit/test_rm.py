@@ -81,6 +81,17 @@ TINY = ["backbone=embedded:tiny-bert", "max_len=64", "min_prompt_len=16", "train
         "train.log_every=50"]
 
 
+def test_untrained_metrics_are_what_the_zero_head_scores():
+    from prefvec_ds.train.rm import evaluate, prepare, untrained_metrics
+
+    for kind in ("reward", "cost"):
+        cfg = load_rm_config(None, TINY + ["embedded_size=200"], kind=kind)
+        model, tok, _, held = prepare(cfg)
+        scored = {name: evaluate(model, pairs, tok.pad_token_id or 0, kind, 32)
+                  for name, pairs in held.items()}
+        assert scored == untrained_metrics(held, kind)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     threads = torch.get_num_threads()
@@ -169,3 +180,46 @@ def test_pairs_carry_pku_safety_labels():
     assert (pair.chosen, pair.chosen_safe, pair.rejected_safe) == ("b", True, False)
     assert pair.key() == PreferencePair(pair.prompt, "b", "a").key()
     assert load_backbone("embedded:tiny-bert")[0].config.hidden_size == 32
+
+
+def test_real_data_recipes_are_the_runs_of_scorers_check():
+    """recipes/scorers/{rm-hh,cost-pku}.yaml reproduce the check's figures: same configs."""
+    import dataclasses
+    from pathlib import Path
+
+    from prefvec_ds.eval.scorer_commands import check_configs
+    from tests.conftest import REPO
+
+    configs = check_configs(Path("../shared/data"), Path("runs"))
+    for name, kind in (("rm-hh", "reward"), ("cost-pku", "cost")):
+        recipe = load_rm_config(REPO / "recipes" / "scorers" / f"{name}.yaml", kind=kind)
+        assert dataclasses.asdict(recipe) == dataclasses.asdict(configs[name]), name
+    # a partial train section keeps the preference-model defaults, not the DPO ones
+    assert load_rm_config(None, ["train.max_steps=3"]).train.lr == configs["rm-hh"].train.lr
+
+
+def test_scorer_check_names_the_missing_data_before_training(tmp_path, capsys):
+    from prefvec_ds.cli import main
+
+    out = tmp_path / "out"
+    assert main(["scorers", "check", "--data", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "missing hh-rlhf/helpful-base-test.jsonl.gz" in err and "--data FOLDER" in err
+    assert not out.exists()
+
+
+def test_pku_realign_pairs_become_a_jsonl_source(tmp_path, capsys):
+    from prefvec_ds.cli import main
+    from prefvec_ds.config.schema import DataConfig, PreferenceConfig
+    from prefvec_ds.data.sources import load_preference
+
+    src = tmp_path / "realign.json"
+    src.write_text(json.dumps([{"prompt": "p", "response": ["safe", "unsafe"]}] * 3))
+    assert main(["scorers", "pku-pairs", str(src), "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    pref = PreferenceConfig(source="jsonl", path=str(tmp_path / "pairs.jsonl"))
+    pairs = load_preference("pku", pref, DataConfig())
+    assert [(p.chosen, p.rejected) for p in pairs] == [("safe", "unsafe")] * 3
+    src.write_text(json.dumps([{"prompt": "p", "response": "one"}]))
+    assert main(["scorers", "pku-pairs", str(src), "--out", str(tmp_path / "bad.jsonl")]) == 2
+    assert "realign.json:0: expected {prompt, response: [safer, worse]}" in capsys.readouterr().err
+    assert not (tmp_path / "bad.jsonl").exists()
