@@ -99,7 +99,8 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     result = {"direction": direction, "preference": preference, "sign": sign,
               "train_pairs": len(train), "eval_pairs": len(held), "steps": schedule.total_steps,
               "eval_start": evals[0] if evals else None, "eval_end": evals[-1] if evals else None,
-              "peak_rss_mb_per_rank": dist.peak_rss_mb_per_rank()}
+              "peak_rss_mb_per_rank": dist.peak_rss_mb_per_rank(),
+              "peak_gpu_mb_per_rank": dist.peak_gpu_mb_per_rank()}
     if dist.rank() == 0:
         write_json_atomic(folder / "eval.json", result)
         mark_done(folder, **result)

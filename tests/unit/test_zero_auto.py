@@ -8,12 +8,22 @@ def test_auto_zero_sizes_follow_the_hidden_size():
                                 "stage3_prefetch_bucket_size": "auto",
                                 "stage3_param_persistence_threshold": "auto",
                                 "sub_group_size": 1e8}}
-    zero = resolve_zero_auto(ds, 4096)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 4096 * 4096
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
-    assert zero["stage3_param_persistence_threshold"] == 40960
+    zero = resolve_zero_auto(ds, 8192)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 8192 * 8192
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 8192 * 8192)
+    assert zero["stage3_param_persistence_threshold"] == 81920
     assert zero["sub_group_size"] == 1e8
     assert ds["zero_optimization"]["reduce_bucket_size"] == "auto"  # input left alone
+
+
+def test_auto_buckets_of_a_small_model_are_floored():
+    ds = {"zero_optimization": {"reduce_bucket_size": "auto",
+                                "stage3_prefetch_bucket_size": "auto",
+                                "stage3_param_persistence_threshold": "auto"}}
+    zero = resolve_zero_auto(ds, 256)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 50_000_000
+    assert zero["stage3_prefetch_bucket_size"] == 20_000_000
+    assert zero["stage3_param_persistence_threshold"] == 2560
 
 
 def test_numbers_pass_through_and_unresolvable_auto_is_an_error():
