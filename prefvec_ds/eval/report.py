@@ -158,7 +158,8 @@ def write_report(summary: dict, diag: dict | None, out_dir: Path, title: str = "
     return path
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib  # noqa: PLC0415
     except ImportError:
@@ -171,7 +172,7 @@ def _pyplot():
 
 def plot_all(summary: dict, tr: dict, out_dir: Path) -> tuple[list[Path], str]:
     """Line plots along each eta and heatmaps of every 2-D grid; ([paths], note)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return [], "(plots skipped: matplotlib is not installed; `pip install matplotlib`)"
     paths = []

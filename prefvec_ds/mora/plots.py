@@ -11,16 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib  # noqa: PLC0415
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    return plt
+from prefvec_ds.eval.report import pyplot as _pyplot
 
 
 def _expand(hist: dict[str, int]) -> list[float]:
