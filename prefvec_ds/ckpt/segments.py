@@ -178,7 +178,8 @@ def as_array(out) -> np.ndarray:
 class SegmentSource:
     """Mixin for tensor sources that describe a tensor as Segments (`self.segments(name)`):
     the read paths (terms for stream.run_plan, accumulate into an fp32 buffer) are the same for
-    every source."""
+    every source. A source that is not one tensor per name (sources.DiffSource: plus - minus)
+    overrides `terms` and keeps `add_into`."""
 
     def terms(self, name: str, alpha: float = 1.0) -> list:
         return [Term(tuple(self.segments(name)), alpha)]

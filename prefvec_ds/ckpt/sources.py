@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
-from prefvec_ds.ckpt.segments import Term, accumulate, as_array
+from prefvec_ds.ckpt.segments import SegmentSource, Term
 from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder
 
 VECTOR_MANIFEST = "prefvec_vector.json"
@@ -88,7 +88,7 @@ def check_shapes(mapping: dict[str, str], a, b, a_role: str, b_role: str) -> Non
                                f"{a_role} {a.path} (different architectures?)")
 
 
-class DiffSource:
+class DiffSource(SegmentSource):
     """phi = plus - minus, built per tensor on demand.
 
     Fast path: two ZeRO-3 checkpoints with the same flat layout (W, sub-groups, param order) are
@@ -128,10 +128,6 @@ class DiffSource:
         if plus.minus is not None or minus.minus is not None:
             raise PrefvecError(f"vector {self.path}: a difference of differences is not supported")
         return [Term(plus.segments, alpha, minus.segments)]
-
-    def add_into(self, name: str, out, alpha: float = 1.0, copy: bool = False) -> None:
-        """out += alpha * (plus - minus), or = plus - minus when copy."""
-        accumulate(as_array(out), self.terms(name, 1.0 if copy else alpha), copy_first=copy)
 
     def __repr__(self) -> str:
         return f"vector {self.path} (fast flat path: {self.fast})"
