@@ -42,20 +42,16 @@ def held_out_pairs(cfg: RunConfig, tokenizer, limit: int) -> list[MarginSet]:
 
 def pair_margins(model, pairs: list[TokenizedPair], pad_id: int, batch_size: int = 32
                  ) -> list[float]:
-    """log p(chosen) - log p(rejected) of every pair, in order."""
+    """log p(chosen) - log p(rejected) of every pair, in order (the trainers' batch_logps: the
+    LM head only at label positions)."""
     import torch  # noqa: PLC0415
 
-    from prefvec_ds.train.logps import sequence_logps, split_pair_logps  # noqa: PLC0415
+    from prefvec_ds.train.logps import batch_logps, split_pair_logps  # noqa: PLC0415
 
-    device = next(model.parameters()).device
     out: list[float] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            batch = collate_pairs(pairs[start:start + batch_size], pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            logps, _ = sequence_logps(logits, batch["labels"])
+            logps, _ = batch_logps(model, collate_pairs(pairs[start:start + batch_size], pad_id))
             chosen, rejected = split_pair_logps(logps.double())
             out += (chosen - rejected).tolist()
     return out
