@@ -74,8 +74,10 @@ def _coerce(hint, value, where: str):
     return value
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
-    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
+def load_dataclass(cls, path: str | Path | None, overrides: list[str] | tuple = (),
+                   fixed: dict | None = None):
+    """Read YAML (or start from defaults when path is None), apply overrides and then `fixed`
+    (values the command decides), validate into `cls`."""
     raw: dict = {}
     where = "defaults"
     if path is not None:
@@ -89,10 +91,16 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
         where = str(path)
     for override in overrides:
         apply_override(raw, override)
+    raw.update(fixed or {})
     try:
-        cfg = _build(RunConfig, raw, where)
+        return _build(cls, raw, where)
     except PrefvecError as err:
         raise PrefvecError(f"{err}" if str(err).startswith(where) else f"{where}: {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read YAML (or start from defaults when path is None), apply overrides, validate."""
+    cfg = load_dataclass(RunConfig, path, overrides)
     cfg.source_path = str(Path(path).resolve()) if path is not None else ""
     return cfg
 

@@ -148,25 +148,9 @@ class RMConfig:
 
 def load_rm_config(path: str | Path | None, overrides=(), kind: str = "") -> RMConfig:
     """YAML (or defaults) -> dotted overrides -> RMConfig; `kind` (from the command) wins."""
-    from prefvec_ds.config.loader import _build, apply_override  # noqa: PLC0415
+    from prefvec_ds.config.loader import load_dataclass  # noqa: PLC0415
 
-    raw, where = {}, "defaults"
-    if path is not None:
-        if not Path(path).is_file():
-            raise PrefvecError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as err:
-            raise PrefvecError(f"config file {path}: not valid YAML ({err})") from None
-        where = str(path)
-    for override in overrides:
-        apply_override(raw, override)
-    if kind:
-        raw["kind"] = kind
-    try:
-        return _build(RMConfig, raw, where)
-    except PrefvecError as err:
-        raise PrefvecError(f"{err}" if str(err).startswith(where) else f"{where}: {err}") from None
+    return load_dataclass(RMConfig, path, overrides, {"kind": kind} if kind else None)
 
 
 def _split_key(pair: PreferencePair, by: str) -> str:
