@@ -174,7 +174,7 @@ def collate_pairs_shared(batch: list[TokenizedPair], pad_id: int) -> dict:
     width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)
+    seg = torch.full((n, width), -1, dtype=torch.int8)  # 0 prompt, 1 chosen, 2 rejected, -1 pad
     keep = torch.zeros((n, width), dtype=torch.bool)
     # (pair, position that predicts the label, label id, sequence)
     targets: list[tuple[int, int, int, int]] = []
@@ -184,14 +184,17 @@ def collate_pairs_shared(batch: list[TokenizedPair], pad_id: int) -> dict:
         input_ids[i, :length] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
         position_ids[i, :length] = torch.cat([torch.arange(n_p + n_c),
                                               torch.arange(n_p, n_p + n_r)])
-        seg = torch.tensor([0] * n_p + [1] * n_c + [2] * n_r)
-        mask[i, 0, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril() & (
-            (seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
+        seg[i, :n_p], seg[i, n_p:n_p + n_c], seg[i, n_p + n_c:length] = 0, 1, 2
         for seq, start, ids in ((i, n_p, p.chosen_ids), (n + i, n_p + n_c, p.rejected_ids)):
             for j, tok in enumerate(ids):
                 at = n_p - 1 if j == 0 else start + j - 1
                 if at >= 0:  # with no prompt the first token has no predictor (as in a row)
                     targets.append((i, at, tok, seq))
+    # causal, and a key is the prompt or in the query's own segment; a pad attends to itself
+    query, key = seg[:, :, None], seg[:, None, :]
+    mask = (((key == 0) | (key == query)) & (query >= 0)).tril()
+    mask |= torch.eye(width, dtype=torch.bool)
+    mask = mask[:, None]
     pair, at, ids, seq = (torch.tensor(col, dtype=torch.long) for col in zip(*targets))
     keep[pair, at] = True
     index = torch.full((n, width), -1, dtype=torch.long)
