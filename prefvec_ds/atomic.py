@@ -7,13 +7,16 @@ prefvec_ds.ckpt.writer.atomic_output_dir.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # one temporary per process: SLURM array tasks may write the same file at once, and with a
+    # shared name one task's rename could take another's half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
