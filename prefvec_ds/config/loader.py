@@ -15,7 +15,7 @@ import yaml
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
-from prefvec_ds.config.schema import OptimConfig, PreferenceConfig, RunConfig
+from prefvec_ds.config.schema import OptimConfig, RunConfig
 
 PACKAGE_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -51,11 +51,13 @@ def _build(cls, raw, where: str):
         sub = f"{where}.{key}"
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, sub)
-        elif typing.get_origin(hint) is dict and typing.get_args(hint)[1] is PreferenceConfig:
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            # name -> section (data.preferences, pipeline.mora.dimensions): each one checked
+            item = typing.get_args(hint)[1]
             if not isinstance(value, dict):
-                raise PrefvecError(f"{sub}: expected a mapping of preference name -> source")
-            kwargs[key] = {k: _build(PreferenceConfig, v or {}, f"{sub}.{k}")
-                           for k, v in value.items()}
+                fields = ", ".join(f.name for f in dataclasses.fields(item))
+                raise PrefvecError(f"{sub}: expected a mapping of name -> {{{fields}}}")
+            kwargs[key] = {k: _build(item, v or {}, f"{sub}.{k}") for k, v in value.items()}
         else:
             kwargs[key] = _coerce(hint, value, sub)
     return cls(**kwargs)
