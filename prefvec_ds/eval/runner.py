@@ -82,6 +82,7 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     from prefvec_ds.eval.report import trends, write_report  # noqa: PLC0415
     from prefvec_ds.eval.scorers import build_scorer  # noqa: PLC0415
     from prefvec_ds.eval.sweep import SweepSpec, run_sweep  # noqa: PLC0415
+    from prefvec_ds.models.hf import check_model_dir  # noqa: PLC0415
     from prefvec_ds.train.stage import base_model_dir, load_tokenizer  # noqa: PLC0415
 
     t0 = time.time()
@@ -91,7 +92,7 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     vectors = vectors or run_vectors(cfg)
     _check_vectors(vectors)
     check_names(ecfg, list(cfg.data.preferences), cfg.seed)
-    base = Path(base) if base else base_model_dir(cfg)
+    base = check_model_dir(Path(base) if base else base_model_dir(cfg), "theta_base")
     tok = load_tokenizer(base)
     spec = SweepSpec(
         base_dir=base, vectors=vectors, points=sweep_points(list(vectors), ecfg),
@@ -141,6 +142,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
 
     ecfg = cfg.pipeline.eval
     cap_cpu_threads(ecfg.cpu_threads)
+    _check_vectors({str(v): v for v in etas or {}})  # before the model is loaded
     model, tok = load_policy(model_dir, "fp32")
     if etas:
         apply_vectors(model, etas)
