@@ -114,12 +114,32 @@ def _no_init_weights():
     return no_init_weights()
 
 
+def import_model_class(config) -> None:
+    """Import the causal-LM class of `config` now, before any `deepspeed.zero.Init`.
+
+    zero.Init wraps the `__init__` of every nn.Module subclass, including classes first defined
+    inside it (`__init_subclass__`), and on exit restores the `__init__` it saw at class
+    creation. transformers imports model modules lazily, and hub-kernel decorators
+    (`kernels.use_kernelized_func`, on LlamaAttention since transformers 5.x) replace `__init__`
+    *after* class creation: if the module is first imported inside zero.Init, the restore drops
+    the decorator's `__init__` but keeps its `forward`, and every later instance fails with
+    "'LlamaAttention' object has no attribute '_kernel_funcs'" (a second engine in one process:
+    DPO building its reference table, a resumed run, a sweep after training). Importing the
+    class first makes zero.Init see the finished class, so it restores the decorated `__init__`.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: PLC0415
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # remote code is imported by from_config
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lazy mapping imports the module
+
+
 def _build_partitioned(model_dir: Path, ds_config: dict, gradient_checkpointing: bool):
     import deepspeed  # noqa: PLC0415
     import torch._dynamo  # noqa: F401, PLC0415 - must precede zero.Init (dynamo signature bug)
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(model_dir)
+    import_model_class(config)
     # no dtype= here: DeepSpeed 0.19 drops it on the CPU accelerator; the config decides.
     # no weight init: every parameter is overwritten from the folder, and HF's init indexes
     # rows (padding_idx) of partitions that are empty on this rank.
