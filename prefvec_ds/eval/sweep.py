@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from prefvec_ds.atomic import temporary_beside
 from prefvec_ds.data.pairs import Messages
 from prefvec_ds.eval import margins as margin_mod
 from prefvec_ds.eval.generate import GenerationSpec, generate, generate_vllm, load_policy, use_vllm
@@ -111,7 +112,7 @@ def run_sweep(spec: SweepSpec, answers_path: Path) -> dict:
     t0 = time.time()
     model, tok = load_policy(spec.base_dir, "fp32")
     answers_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = answers_path.with_name(f".{answers_path.name}.tmp")
+    tmp = temporary_beside(answers_path)
     rows: dict[int, dict] = {}
     with open(tmp, "w", encoding="utf-8") as log:
         base = evaluate_loaded(model, tok, spec)

@@ -8,8 +8,10 @@ stage then treats like any other model folder.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+from prefvec_ds.atomic import temporary_beside
 from prefvec_ds.data import embedded
 
 EMBEDDED_PREFIX = "embedded:"
@@ -61,9 +63,18 @@ def materialize_embedded_model(name: str, folder: Path, seed: int) -> Path:
                          **EMBEDDED_MODELS[name])
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "prefvec_embedded.json").write_text(json.dumps({"name": name, "seed": seed}))
-    tmp.rename(folder)
+    # a temporary of this process's own: concurrent stages may materialise the same folder;
+    # the first rename wins and the others, having written the same seeded bytes, drop theirs
+    tmp = temporary_beside(folder)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prefvec_embedded.json").write_text(json.dumps({"name": name, "seed": seed}))
+        try:
+            tmp.rename(folder)
+        except OSError:
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

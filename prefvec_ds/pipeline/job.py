@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import link_atomic
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline import manifest
@@ -65,11 +66,8 @@ def _share_ref_logps(cfg: RunConfig, stage: Stage) -> None:
     if stage.kind != "dpo" or seed is None:
         return
     name = f"{direction[:-1]}.pt"
-    link = seed_run_dir(cfg, seed).resolve() / "ref_logps" / name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.unlink(missing_ok=True)  # a dangling link
-        link.symlink_to(Path("..", "..", "..", "ref_logps", name))
+    link_atomic(seed_run_dir(cfg, seed).resolve() / "ref_logps" / name,
+                Path("..", "..", "..", "ref_logps", name))
 
 
 def rank_command(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import temporary_beside
 from prefvec_ds.config.loader import resolve_ds_config
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_preference
@@ -100,7 +101,7 @@ def ref_table(cfg: RunConfig, preference: str, base: Path, tokenizer,
               flush=True)
     if dist.rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
+        tmp = temporary_beside(out)  # both directions of a preference may compute it at once
         torch.save({"fingerprint": fingerprint, "keys": [pairs[i].key for i, *_ in rows],
                     "logps": torch.tensor([[c, r] for _, c, r, _, _ in rows], dtype=torch.float64),
                     "tokens": torch.tensor([[nc, nr] for *_, nc, nr in rows])}, tmp)
