@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from prefvec_ds import PrefvecError, __version__
+from prefvec_ds.atomic import Interrupted
 
 COMMAND_MODULES = [
     "prefvec_ds.train.commands",
@@ -59,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except PrefvecError as err:
         print(f"prefvec: error: {err}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Interrupted) as err:
+        # the handlers' finally blocks and atomic_output_dir have removed their temporaries
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"prefvec: interrupted by {signal.Signals(signum).name}; no partial output was "
+              "left", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

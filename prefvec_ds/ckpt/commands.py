@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import signals_raise
 
 
 def _workers(text: str) -> int:
@@ -26,9 +28,14 @@ def _vector_eta(text: str) -> tuple[str, float]:
     if not sep:
         return text, 1.0
     try:
-        return vec, float(eta)
+        value = float(eta)
     except ValueError:
-        raise PrefvecError(f"--vector {text}: expected VEC=ETA with ETA a number, e.g. vecs/helpful=0.5")
+        raise PrefvecError(f"--vector {text}: expected VEC=ETA with ETA a number, e.g. "
+                           "vecs/helpful=0.5") from None
+    if not math.isfinite(value):  # nan, inf, and 1e400 (which float() reads as inf)
+        raise PrefvecError(f"--vector {text}: eta {eta!r} is not a finite number; expected e.g. "
+                           "vecs/helpful=0.5")
+    return vec, value
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -77,9 +84,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 def run_vector(args) -> int:
     from prefvec_ds.ckpt.vector import compute_vector
 
-    m = compute_vector(args.plus, args.minus, args.out, dtype=args.dtype,
-                       max_shard_size=args.max_shard_size, workers=args.workers,
-                       overwrite=args.overwrite)
+    with signals_raise():  # SIGTERM removes the temporary output like Ctrl-C does
+        m = compute_vector(args.plus, args.minus, args.out, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, workers=args.workers,
+                           overwrite=args.overwrite)
     print(f"wrote vector {args.out}: {m['num_tensors']} tensors, {m['num_elements']:,} values, "
           f"norm {m['norm']:.6g} ({'flat fast path' if m['fast_flat_path'] else 'named ranges'}, "
           f"{m['seconds']:.2f} s)")
@@ -90,10 +98,12 @@ def run_merge(args) -> int:
     from prefvec_ds.ckpt.merge import merge_vectors
     from prefvec_ds.ckpt.sources import open_vector_arg
 
-    vectors = [(open_vector_arg(vec), eta) for vec, eta in map(_vector_eta, args.vector)]
-    info = merge_vectors(args.base, vectors, args.out, dtype=args.dtype,
-                         max_shard_size=args.max_shard_size, workers=args.workers,
-                         overwrite=args.overwrite, config_from=args.config_from)
+    etas = [_vector_eta(v) for v in args.vector]  # all parsed before any folder is opened
+    with signals_raise():
+        vectors = [(open_vector_arg(vec), eta) for vec, eta in etas]
+        info = merge_vectors(args.base, vectors, args.out, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, workers=args.workers,
+                             overwrite=args.overwrite, config_from=args.config_from)
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB "
           f"{info['dtype']}; copied {', '.join(info['copied']) or 'no config files'}")
     return 0
@@ -102,10 +112,35 @@ def run_merge(args) -> int:
 def run_vector_stats(args) -> int:
     from prefvec_ds.ckpt.stats import format_stats, vector_stats
 
+    from prefvec_ds.atomic import write_text_atomic  # noqa: PLC0415
+
+    if args.json:  # before minutes of reading: the folder must exist, the name be free to use
+        check_json_target(args.json)
     stats = vector_stats(args.vectors)
     print(format_stats(stats))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(stats, fh, indent=2)
+        text = json.dumps(stats, indent=2, allow_nan=False)  # stats() leaves no NaN/Inf
+        try:
+            write_text_atomic(args.json, text + "\n")
+        except OSError as err:
+            raise PrefvecError(f"--json {args.json}: cannot be written "
+                               f"({err.strerror or err})") from None
     sys.stdout.flush()
     return 0
+
+
+def check_json_target(path: str) -> None:
+    """--json FILE: its folder must exist and be writable, and FILE must not be a folder."""
+    import os  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise PrefvecError(f"--json {path}: folder {folder} does not exist "
+                           f"({'it is a file' if folder.exists() else 'create it first'})")
+    if target.is_dir():
+        raise PrefvecError(f"--json {path}: is a folder, expected a file name")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PrefvecError(f"--json {path}: cannot write in {folder} (permission denied or "
+                           "read-only file system)")

@@ -75,8 +75,30 @@ def _config_folder(base, config_from: str | Path | None) -> Path | None:
     return None
 
 
+def check_eta(eta) -> float:
+    """A finite float, or the one-line error naming --vector (NaN or 1e400 = inf would only
+    show up later as NaN/Inf in the result)."""
+    value = float(eta)
+    if not math.isfinite(value):
+        raise PrefvecError(f"--vector: eta {eta!r}: expected a finite number (got "
+                           f"{value}), e.g. vecs/helpful=0.5")
+    return value
+
+
 def _copy_config(src: Path | None, dst: Path, dtype: str) -> list[str]:
-    """Copy config, generation config, tokenizer files; set the config's dtype to ours."""
+    """Copy config, generation config, tokenizer files (errors, e.g. a full disk, as one line
+    naming the file); set the config's dtype to ours."""
+    try:
+        return _copy_config_files(src, dst, dtype)
+    except OSError as err:
+        name = getattr(err, "filename", None) or dst
+        raise PrefvecError(f"--out: copying config files from {src} failed at {name}: "
+                           f"{err.strerror or err} (nothing was written)") from None
+    except ValueError as err:
+        raise PrefvecError(f"file {src}/config.json: not valid JSON ({err})") from None
+
+
+def _copy_config_files(src: Path | None, dst: Path, dtype: str) -> list[str]:
     copied = []
     if src is None:
         return copied
@@ -154,10 +176,21 @@ def _plan(base_src, order, floats, vectors, maps, code: str, out) -> tuple[list,
     return specs, plan
 
 
+def _inputs(base, vectors: list, config_from) -> list[tuple[str, object]]:
+    """(role, folder) of everything a merge reads, for the output-location check."""
+    found = [("--base", base), ("--config-from", config_from)]
+    for vec, _eta in vectors:
+        sides = (vec.plus, vec.minus) if hasattr(vec, "plus") else (vec,)
+        found += [("--vector", side.path) for side in sides]
+    return found
+
+
 def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: str | Path,
                   dtype: str | None = None, max_shard_size: str | int = "5GB", workers: int = 2,
                   overwrite: bool = False, config_from: str | Path | None = None) -> dict:
     """Write base + sum eta * phi as a HF folder. `vectors`: [(opened source, eta)]."""
+    for _vec, eta in vectors:
+        check_eta(eta)
     base_src = open_source(base, "base")
     names = _base_plan(base_src)
     floats = set(_float_names(base_src, names))
@@ -169,7 +202,8 @@ def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: st
         raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
                            "pass --config-from HF_FOLDER so the merged model is loadable")
     specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out)
-    with atomic_output_dir(Path(out), overwrite) as tmp:
+    with atomic_output_dir(Path(out), overwrite, inputs=_inputs(base, vectors, config_from),
+                           param="--out") as tmp:
         with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
                                       direct=True) as writer:
             run_plan(plan, writer, workers, desc="merge")

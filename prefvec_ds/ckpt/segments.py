@@ -139,6 +139,23 @@ def check_finite(chunk: np.ndarray, label: str) -> None:
                            "in the result")
 
 
+def check_finite_narrow(data: np.ndarray, code: str, label: str) -> None:
+    """check_finite for values already cast to `code` (bytes in `data`): an fp32 value beyond
+    the range of fp16 (65504) or bf16 becomes Inf in the cast."""
+    if code == "BF16":  # Inf/NaN: all 8 exponent bits set
+        bad = np.count_nonzero((data.view(np.uint16) & 0x7F80) == 0x7F80)
+    else:
+        bad = data.size // ITEMSIZE[code] - np.count_nonzero(
+            np.isfinite(data.view(np.dtype(_NUMPY_FLOAT[code]))))
+    if bad:
+        raise PrefvecError(f"{label}: {bad} values overflow {_NAME[code]} (Inf after the cast "
+                           f"to the output dtype); use a wider --dtype or a smaller eta")
+
+
+_NUMPY_FLOAT = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+_NAME = {"F16": "fp16", "BF16": "bf16", "F32": "fp32", "F64": "fp64"}
+
+
 def chunked_dot(a: np.ndarray, b: np.ndarray) -> float:
     """sum(a * b) of two flat fp32 arrays, exact to ~1e-7 relative: fp32 dot per 1M-element chunk,
     chunks summed as Python floats (fp64). A single fp32 dot over a 131M-element embedding was

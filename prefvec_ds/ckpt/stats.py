@@ -49,7 +49,8 @@ def vector_stats(paths: list[str]) -> dict:
         FDS.close()
     k = len(vecs)
     total = [math.sqrt(dots[i][i]) for i in range(k)]
-    cosine = [[dots[i][j] / (total[i] * total[j]) if total[i] and total[j] else float("nan")
+    # a zero vector has no direction: its cosines are None (JSON null, "n/a"), never NaN
+    cosine = [[dots[i][j] / (total[i] * total[j]) if total[i] and total[j] else None
                for j in range(k)] for i in range(k)]
     return {"vectors": [str(p) for p in paths], "tensors": len(first.names()),
             "layers": {key: [math.sqrt(s) for s in sq] for key, sq in layers.items()},
@@ -71,7 +72,8 @@ def format_stats(stats: dict) -> str:
         lines.append("")
         lines.append("cosine".ljust(width) + "".join(f"{lab:>14}" for lab in labels))
         for lab, row in zip(labels, stats["cosine"]):
-            lines.append(lab.ljust(width) + "".join(f"{c:14.6f}" for c in row))
+            lines.append(lab.ljust(width) + "".join("n/a".rjust(14) if c is None
+                                                     else f"{c:14.6f}" for c in row))
     return "\n".join(lines)
 
 
@@ -91,6 +93,10 @@ def _accumulate_dots(vecs: list, maps: list[dict[str, str]]):
         for i in range(k):
             for j in range(i, k):
                 d = chunked_dot(tensors[i], tensors[j])
+                if not math.isfinite(d):  # NaN/Inf values, or a norm beyond fp64
+                    bad = i if not math.isfinite(chunked_dot(tensors[i], tensors[i])) else j
+                    raise PrefvecError(f"vector {vecs[bad].path}: parameter {maps[bad][name]}: "
+                                       "holds NaN/Inf values (a corrupt or diverged vector)")
                 dots[i][j] += d
                 if i == j:
                     sq[i] += d

@@ -39,7 +39,7 @@ import numpy as np
 
 from prefvec_ds.ckpt.directio import ALIGN, DirectReader, aligned_buffer
 from prefvec_ds.ckpt.dtypes import ITEMSIZE, narrow_into, widen_into
-from prefvec_ds.ckpt.segments import check_finite, chunked_dot, combine
+from prefvec_ds.ckpt.segments import check_finite, check_finite_narrow, chunked_dot, combine
 
 JOB_ELEMS = 1 << 20                 # output elements per job (4 MiB of fp32)
 BLOCK_BYTES = 8 << 20               # wanted bytes of one read request, at most
@@ -217,6 +217,8 @@ def _compute(job: _Job, scratch: _Pool, norms: bool):
     bufs.append(scratch.take())
     data = bufs[-1][:out.size * ITEMSIZE[t.dtype]]
     narrow_into(out, t.dtype, data)
+    # finite in fp32 may still overflow the output dtype (fp16 above 65504): check what is written
+    check_finite_narrow(data, t.dtype, t.label or f"parameter {t.name}")
     return data, bufs, sq
 
 

@@ -49,7 +49,8 @@ def compute_vector(plus: str | Path, minus: str | Path, out: str | Path, dtype: 
     plan = [OutputTensor(n, _numel(diff.shape(n)), code, tuple(diff.terms(n, 1.0)),
                          label=f"vector {plus} - {minus}, parameter {n}") for n in names]
     started = time.perf_counter()
-    with atomic_output_dir(Path(out), overwrite) as tmp:
+    with atomic_output_dir(Path(out), overwrite, inputs=[("--plus", plus), ("--minus", minus)],
+                           param="--out") as tmp:
         with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
                                       {"prefvec": VECTOR_FORMAT}, direct=True) as writer:
             sq_norm = run_plan(plan, writer, workers, norms=True, desc="vector")

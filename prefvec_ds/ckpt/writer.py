@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.atomic import remove_dead_temporaries, temporary_beside
 from prefvec_ds.ckpt.dtypes import CODE_BY_NAME, ITEMSIZE, TORCH_NAME, code_of
 from prefvec_ds.ckpt.directio import open_output
 
@@ -195,28 +196,123 @@ class ShardedSafetensorsWriter:
         return False
 
 
+OUTPUT_MARKER = ".prefvec-output"
+"""Written into every output folder: --overwrite replaces only folders that hold it (a user's
+own folder given as --out by mistake is refused, never deleted)."""
+
+
+def _is_prefvec_output(folder: Path) -> bool:
+    if (folder / OUTPUT_MARKER).is_file():
+        return True
+    try:  # vectors written before the marker existed
+        manifest = json.loads((folder / "prefvec_vector.json").read_text())
+        return isinstance(manifest, dict) and manifest.get("format") == "prefvec-vector"
+    except (OSError, ValueError):
+        return not any(folder.iterdir())  # an empty folder holds nothing to lose
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def check_output_target(target: Path, inputs=(), overwrite: bool = False,
+                        param: str = "output folder") -> None:
+    """Every reason to refuse `target` as an output folder, checked before anything is written.
+
+    inputs: (role, path) pairs the command reads; the output may not be, be inside, or contain
+    any of them (with --overwrite the inputs would be deleted, or an input would change while it
+    is read)."""
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        raise PrefvecError(f"{param} {target}: names an existing folder by '.' or '..'; expected "
+                           "the path of a new folder, e.g. out/merged")
+    if target.is_symlink():
+        raise PrefvecError(f"{param} {target}: is a symbolic link (to {os.readlink(target)}); "
+                           "expected a folder path, not a link")
+    real = _real(target)
+    for role, path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        other = _real(Path(path))
+        if real == other:
+            how = "is"
+        elif other in real.parents:
+            how = "is inside"
+        elif real in other.parents:
+            how = "contains"
+        else:
+            continue
+        raise PrefvecError(f"{param} {target}: {how} the input {role} {path}; the output must be "
+                           "a separate folder (nothing was written)")
+    for parent in [real.parent, *real.parent.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PrefvecError(f"{param} {target}: {parent} is a file, expected a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise PrefvecError(f"{param} {target}: cannot write in {parent} (permission "
+                                   "denied or read-only file system)")
+            break
+    if target.exists():
+        if not overwrite:
+            raise PrefvecError(f"{param} {target} already exists (pass --overwrite to replace it)")
+        if not target.is_dir():
+            raise PrefvecError(f"{param} {target}: exists and is a file, not an output folder; "
+                               "refusing to replace it")
+        if not _is_prefvec_output(target):
+            raise PrefvecError(f"{param} {target}: exists and was not written by prefvec (no "
+                               f"{OUTPUT_MARKER} marker); refusing to replace it with --overwrite: "
+                               "remove it yourself or choose another folder")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(target: Path, overwrite: bool = False):
+def atomic_output_dir(target: Path, overwrite: bool = False, inputs=(),
+                      param: str = "output folder"):
     """Yield a temporary sibling folder; rename it to `target` only if the block succeeds.
 
-    A failure (or Ctrl-C) removes the temporary folder, so no half-written output is left.
+    The target is checked first (check_output_target): never an input, never a folder prefvec
+    did not write. A failure, Ctrl-C or SIGTERM (atomic.signals_raise) removes the temporary
+    folder, so no half-written output is left; temporaries of dead runs into the same place
+    (kill -9) are removed first. The folder gets the OUTPUT_MARKER file.
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise PrefvecError(f"output folder {target} already exists (pass --overwrite to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    check_output_target(target, inputs, overwrite, param)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PrefvecError(f"{param} {target}: cannot create {target.parent} "
+                           f"({err.strerror or err})") from None
+    remove_dead_temporaries(target)
+    tmp = temporary_beside(target)
+    try:
+        tmp.mkdir()
+        (tmp / OUTPUT_MARKER).write_text("written by prefvec; --overwrite may replace this "
+                                         "folder\n")
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PrefvecError(f"{param} {target}: cannot write in {target.parent} "
+                           f"({err.strerror or err})") from None
     try:
         yield tmp
+        _publish(tmp, target, param)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
+
+
+def _publish(tmp: Path, target: Path, param: str) -> None:
+    """Rename the finished temporary folder to `target` (replacing an older output)."""
+    try:
+        if target.exists() or target.is_symlink():
+            old = temporary_beside(target, "old")
+            target.rename(old)
+            try:
+                tmp.rename(target)
+            except BaseException:
+                old.rename(target)  # put the previous output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except OSError as err:
+        raise PrefvecError(f"{param} {target}: could not move the finished output into place "
+                           f"({err.strerror or err})") from None

@@ -183,5 +183,5 @@ def test_write_error_names_the_shard_and_leaves_no_output(tmp_path, monkeypatch,
     monkeypatch.setattr(directio.os, "write", disk_full)
     with pytest.raises(PrefvecError, match="model.safetensors: write.* failed: No space left"):
         _merge(tmp_path, "out")
-    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert _no_pipeline_threads()

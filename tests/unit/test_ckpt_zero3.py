@@ -137,7 +137,7 @@ def test_truncated_file_and_existing_output(tmp_path, capsys):
     assert _cli("vector", "--plus", p, "--minus", m, "--out", tmp_path / "v2") == 2
     err = capsys.readouterr().err
     assert str(f) in err and ("truncated" in err or "corrupt" in err)
-    assert not (tmp_path / "v2").exists() and not list(tmp_path.glob(".v2.tmp-*"))
+    assert not (tmp_path / "v2").exists() and not list(tmp_path.glob(".v2.*"))
 
 
 def test_nan_in_result_is_refused_without_output(tmp_path, capsys):
