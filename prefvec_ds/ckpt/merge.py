@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
+from prefvec_ds.ckpt.paths import contained
 from prefvec_ds.ckpt.segments import Segment, Term
 from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
 from prefvec_ds.ckpt.stream import OutputTensor, run_plan
@@ -98,14 +99,21 @@ def _copy_config(src: Path | None, dst: Path, dtype: str) -> list[str]:
         raise PrefvecError(f"file {src}/config.json: not valid JSON ({err})") from None
 
 
+def _config_files(src: Path | None) -> list[Path]:
+    """The files _copy_config copies; each must be inside `src` (a link to /etc/passwd must
+    not be copied into the output), checked before any work."""
+    if src is None:
+        return []
+    files = [f for f in sorted(src.iterdir())
+             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES)
+             and f.name not in _WEIGHT_INDEXES and not f.name.startswith(".")
+             and f.name != "latest"]
+    return [contained(f, src) for f in files]
+
+
 def _copy_config_files(src: Path | None, dst: Path, dtype: str) -> list[str]:
     copied = []
-    if src is None:
-        return copied
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _WEIGHT_INDEXES \
-                or f.name.startswith(".") or f.name == "latest":
-            continue
+    for f in _config_files(src):
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)
     cfg_path = dst / "config.json"
@@ -201,6 +209,7 @@ def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: st
     if cfg_src is None:
         raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
                            "pass --config-from HF_FOLDER so the merged model is loadable")
+    _config_files(cfg_src)
     specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out)
     with atomic_output_dir(Path(out), overwrite, inputs=_inputs(base, vectors, config_from),
                            param="--out") as tmp:

@@ -20,6 +20,7 @@ import numpy as np
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.dtypes import FLOAT_CODES, ITEMSIZE, NAME_BY_CODE, NUMPY, to_torch, widen_into
+from prefvec_ds.ckpt.paths import check_name, contained
 from prefvec_ds.ckpt.segments import Segment, SegmentSource, pread_into
 _MAX_HEADER = 100 << 20  # safetensors caps headers at 100 MB; a bigger one means garbage
 
@@ -77,12 +78,18 @@ class SafetensorsFolder(SegmentSource):
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as err:
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"a {type(weight_map).__name__}, not a mapping")
+            except (ValueError, KeyError, TypeError) as err:
                 raise PrefvecError(f"file {index}: parameter weight_map: expected the HF index "
-                                   f"format ({err})")
+                                   f"format ({err})") from None
+            for tensor, shard in weight_map.items():
+                check_name(shard, index, self.path, f"entry {tensor}: shard")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.path.glob("*.safetensors"))
+            for name in files:
+                contained(self.path / name, self.path)
         if not files:
             raise PrefvecError(f"folder {self.path}: no *.safetensors files (expected a Hugging "
                                "Face model folder, a prefvec vector, or a DeepSpeed checkpoint)")

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
 from prefvec_ds.ckpt.segments import SegmentSource, Term
-from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder
+from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder, tag_folders
 
 VECTOR_MANIFEST = "prefvec_vector.json"
 VECTOR_FORMAT = "prefvec-vector"
@@ -32,6 +32,11 @@ def open_source(path: str | Path, role: str):
                            "prefvec vector)")
     if is_zero3_folder(path):
         return Zero3Checkpoint(path)
+    tags = tag_folders(path)
+    if tags and not any(path.glob("*.safetensors")):
+        raise PrefvecError(f"{role} {path}: DeepSpeed checkpoint folder without a `latest` file; "
+                           f"tag folders found: {', '.join(tags)} (pass one of them, e.g. "
+                           f"{path / tags[-1]}, or write its name into {path / 'latest'})")
     if (path / VECTOR_MANIFEST).is_file():
         return open_vector(path)
     return SafetensorsFolder(path)

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.paths import check_name, contained
 from prefvec_ds.ckpt.safe_load import StoredTensor, load_pickle_file
 from prefvec_ds.ckpt.segments import Segment, SegmentSource
 
+_ZERO2_FILE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 _RANK_FILE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
@@ -64,15 +66,31 @@ def resolve_tag_dir(path: Path) -> Path:
     """A checkpoint folder with `latest`, or the tag folder itself, -> the tag folder."""
     path = Path(path)
     if (path / "latest").is_file():
-        tag = (path / "latest").read_text().strip()
-        if not (path / tag).is_dir():
+        contained(path / "latest", path)
+        try:
+            tag = (path / "latest").read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise PrefvecError(f"file {path / 'latest'}: expected the name of a tag folder "
+                               f"({err})") from None
+        tag_dir = check_name(tag, path / "latest", path, "tag")
+        if not tag_dir.is_dir():
             raise PrefvecError(f"file {path / 'latest'}: names tag {tag!r}, but {path / tag} "
                                "does not exist")
-        return path / tag
+        return tag_dir
     if any(_RANK_FILE.match(p.name) for p in path.glob("*_states.pt")):
         return path
     raise PrefvecError(f"folder {path}: expected a DeepSpeed checkpoint (a `latest` file or "
                        "zero_pp_rank_*_model_states.pt files)")
+
+
+def tag_folders(path: Path) -> list[str]:
+    """Subfolders of `path` that hold DeepSpeed rank files (tags: global_step100, ...)."""
+    try:
+        subs = [p for p in Path(path).iterdir() if p.is_dir()]
+    except OSError:
+        return []
+    return sorted(p.name for p in subs
+                  if any(_RANK_FILE.match(f.name) for f in p.glob("*_states.pt")))
 
 
 def is_zero3_folder(path: Path) -> bool:
@@ -90,8 +108,11 @@ def _rank_files(tag_dir: Path, kind: str, world: int = 0) -> list[Path]:
             if m.group(3) != "00":
                 raise PrefvecError(f"file {p}: model-parallel rank {m.group(3)}; only mp_rank_00 "
                                    "(no tensor/pipeline parallelism) is supported")
-            found[int(m.group(2))] = p
+            found[int(m.group(2))] = contained(p, tag_dir)
     if not found:
+        if kind == "model" and any(_ZERO2_FILE.match(p.name) for p in tag_dir.iterdir()):
+            raise PrefvecError(f"folder {tag_dir}: ZeRO stage 2 checkpoint (mp_rank_*_model_"
+                               "states.pt without zero_pp_rank_* files): only ZeRO-3 is supported")
         raise PrefvecError(f"folder {tag_dir}: no zero_pp_rank_*_{kind}_states.pt files")
     missing = [r for r in range(max(max(found) + 1, world)) if r not in found]
     if missing:
