@@ -87,9 +87,14 @@ def load_dataclass(cls, path: str | Path | None, overrides: list[str] | tuple = 
         if not path.is_file():
             raise PrefvecError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise PrefvecError(f"config file {path}: not valid YAML ({err})") from None
+        except (UnicodeDecodeError, OSError) as err:
+            raise PrefvecError(f"config file {path}: cannot be read as YAML text ({err})") from None
+        if not isinstance(raw, dict):
+            raise PrefvecError(f"config file {path}: expected a mapping of sections (run_dir:, "
+                               f"model:, data:, ...), found a {type(raw).__name__}")
         where = str(path)
     for override in overrides:
         apply_override(raw, override)

@@ -25,6 +25,39 @@ PKU_COLUMNS = ("prompt", "response_0", "response_1")
 EMBEDDED_MULTI_INTENT = "embedded-multi-intent"
 
 
+class Rows(list):
+    """Rows of a data file; `lines[i]` is row i's 1-based line in a .jsonl file (None for other
+    formats), so errors name the line a user sees in an editor."""
+
+    lines: list[int] | None = None
+
+    def where(self, i: int, source: str) -> str:
+        """`file:LINE` (jsonl) or `file: row N` (1-based) for row i."""
+        if self.lines is not None:
+            return f"{source}:{self.lines[i]}"
+        return f"{source}: row {i + 1}"
+
+
+def row_location(rows, i: int, source: str) -> str:
+    return rows.where(i, source) if isinstance(rows, Rows) else f"{source}: row {i + 1}"
+
+
+def _read_jsonl(p: Path, opener) -> Rows:
+    rows, lines = Rows(), []
+    with opener(p, "rt", encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PrefvecError(f"data file {p}, line {number}: not valid JSON ({err.msg} at "
+                                   f"column {err.colno})") from None
+            lines.append(number)
+    rows.lines = lines
+    return rows
+
+
 def read_rows(path: str, split: str = "train") -> list[dict]:
     """Rows of a local .json / .jsonl[.gz] / .parquet file, else of a `datasets` hub name."""
     p = Path(path)
@@ -32,19 +65,25 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
         name = p.name.lower()
         try:
             if name.endswith((".jsonl", ".jsonl.gz")):
-                opener = gzip.open if name.endswith(".gz") else open
-                with opener(p, "rt", encoding="utf-8") as fh:
-                    return [json.loads(line) for line in fh if line.strip()]
+                return _read_jsonl(p, gzip.open if name.endswith(".gz") else open)
             if name.endswith((".json", ".json.gz")):
                 opener = gzip.open if name.endswith(".gz") else open
                 with opener(p, "rt", encoding="utf-8") as fh:
                     data = json.load(fh)
-                return data if isinstance(data, list) else data.get("data", data.get("rows", []))
+                if isinstance(data, dict):
+                    data = data.get("data", data.get("rows", []))
+                if not isinstance(data, list):
+                    raise PrefvecError(f"data file {p}: expected a list of rows (or "
+                                       f"{{\"data\": [...]}}), found a {type(data).__name__}")
+                return Rows(data)
             if name.endswith(".parquet"):
                 import pyarrow.parquet as pq  # noqa: PLC0415
 
-                return pq.read_table(p).to_pylist()
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+                return Rows(pq.read_table(p).to_pylist())
+        except json.JSONDecodeError as err:  # lineno and colno are 1-based
+            raise PrefvecError(f"data file {p}, line {err.lineno}: not valid JSON ({err.msg} at "
+                               f"column {err.colno})") from None
+        except (UnicodeDecodeError, OSError, EOFError) as err:
             raise PrefvecError(f"data file {p}: cannot be parsed ({err})") from None
         raise PrefvecError(f"data file {p}: expected .json, .jsonl, .jsonl.gz or .parquet")
     if p.suffix or "/" not in path or path.startswith((".", "/")):
@@ -58,19 +97,36 @@ def read_rows(path: str, split: str = "train") -> list[dict]:
                            f"be loaded from the hub ({type(err).__name__}: {err})") from None
 
 
-def _require(row: dict, columns, where: str) -> None:
+def _require(row: dict, columns, where: str, text: tuple = ()) -> None:
+    """The row is a mapping with `columns`; those in `text` hold strings."""
+    if not isinstance(row, dict):
+        raise PrefvecError(f"{where}: expected a row object {{...}}, found a "
+                           f"{type(row).__name__}")
     missing = [c for c in columns if c not in row]
     if missing:
         raise PrefvecError(f"{where}: missing column(s) {', '.join(missing)}; "
-                           f"the row has {', '.join(sorted(row))}")
+                           f"the row has {', '.join(sorted(map(str, row)))}")
+    for column in text:
+        if not isinstance(row[column], str):
+            raise PrefvecError(f"{where}: column {column}: expected a string, found "
+                               f"{type(row[column]).__name__} {row[column]!r:.60}")
+
+
+def _messages(prompt, where: str):
+    """A prompt given as a list of {role, content} messages, checked."""
+    if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                             and isinstance(m.get("content"), str) for m in prompt):
+        raise PrefvecError(f"{where}: column prompt: expected a string or a non-empty list of "
+                           "{\"role\": str, \"content\": str} messages")
+    return tuple((m["role"], m["content"]) for m in prompt)
 
 
 def pku_pairs(rows: list[dict], order_by: str, where: str) -> list[PreferencePair]:
     """Order each PKU-schema row by `order_by` (0 or 1 = index of the preferred response)."""
     out = []
     for i, row in enumerate(rows):
-        loc = f"{where}:{i}"
-        _require(row, PKU_COLUMNS + (order_by,), loc)
+        loc = row_location(rows, i, where)
+        _require(row, PKU_COLUMNS + (order_by,), loc, PKU_COLUMNS)
         idx = row[order_by]
         if idx not in (0, 1):
             raise PrefvecError(f"{loc}: column {order_by} must be 0 or 1, got {idx!r}")
@@ -112,8 +168,8 @@ def hh_pairs(rows: list[dict], where: str) -> tuple[list[PreferencePair], int]:
     """
     out, skipped = [], 0
     for i, row in enumerate(rows):
-        loc = f"{where}:{i}"
-        _require(row, ("chosen", "rejected"), loc)
+        loc = row_location(rows, i, where)
+        _require(row, ("chosen", "rejected"), loc, ("chosen", "rejected"))
         chosen, rejected = parse_hh_dialogue(row["chosen"]), parse_hh_dialogue(row["rejected"])
         if (len(chosen) < 2 or chosen[-1][0] != "assistant" or rejected[-1][0] != "assistant"
                 or chosen[:-1] != rejected[:-1]):
@@ -127,11 +183,13 @@ def hh_pairs(rows: list[dict], where: str) -> tuple[list[PreferencePair], int]:
 def jsonl_pairs(rows: list[dict], where: str) -> list[PreferencePair]:
     out = []
     for i, row in enumerate(rows):
-        loc = f"{where}:{i}"
-        _require(row, ("prompt", "chosen", "rejected"), loc)
+        loc = row_location(rows, i, where)
+        _require(row, ("prompt", "chosen", "rejected"), loc, ("chosen", "rejected"))
         prompt = row["prompt"]
-        msgs = (tuple((m["role"], m["content"]) for m in prompt) if isinstance(prompt, list)
-                else user_prompt(prompt))
+        if not isinstance(prompt, (str, list)):
+            raise PrefvecError(f"{loc}: column prompt: expected a string or a list of messages, "
+                               f"found {type(prompt).__name__}")
+        msgs = _messages(prompt, loc) if isinstance(prompt, list) else user_prompt(prompt)
         out.append(PreferencePair(msgs, row["chosen"], row["rejected"], loc))
     return out
 
@@ -171,18 +229,22 @@ def load_sft_examples(data: DataConfig) -> list[tuple[Messages, str]]:
         return [(user_prompt(r["prompt"]), r["response"]) for r in
                 embedded.sft_examples_multi_intent(data.embedded_size, data.embedded_seed)]
     out = []
-    for i, row in enumerate(read_rows(data.sft_source)):
-        loc = f"{data.sft_source}:{i}"
+    rows = read_rows(data.sft_source)
+    for i, row in enumerate(rows):
+        loc = row_location(rows, i, data.sft_source)
+        _require(row, (), loc)
         if "instruction" in row and "output" in row:  # Alpaca: instruction, input, output
+            _require(row, (), loc, ("instruction", "output"))
             prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
             out.append((user_prompt(prompt), row["output"]))
         elif "messages" in row:
-            msgs = [(m["role"], m["content"]) for m in row["messages"]]
+            msgs = list(_messages(row["messages"], loc) if isinstance(row["messages"], list)
+                        else _messages(None, loc))
             if not msgs or msgs[-1][0] != "assistant":
                 raise PrefvecError(f"{loc}: messages must end with an assistant turn")
             out.append((tuple(msgs[:-1]), msgs[-1][1]))
         else:
-            _require(row, ("prompt", "response"), loc)
+            _require(row, ("prompt", "response"), loc, ("prompt", "response"))
             out.append((user_prompt(row["prompt"]), row["response"]))
     if not out:
         raise PrefvecError(f"SFT data {data.sft_source}: no examples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from prefvec_ds import PrefvecError
 
@@ -37,7 +38,7 @@ def _prepare(args: argparse.Namespace):
     from prefvec_ds.pipeline.manifest import plan  # noqa: PLC0415
     from prefvec_ds.pipeline.prepare import prepare  # noqa: PLC0415
 
-    cfg, stages = prepare(args.config, args.overrides)
+    cfg, stages = prepare(args.config, args.overrides, write=not args.dry_run)
     todo = plan(cfg.run_dir, stages)
     if args.dry_run:
         for stage in stages:
@@ -73,7 +74,9 @@ def show_status(args: argparse.Namespace) -> int:
     from prefvec_ds.pipeline.prepare import load_run  # noqa: PLC0415
     from prefvec_ds.pipeline.status import as_json, collect, format_status  # noqa: PLC0415
 
-    cfg, stages = load_run(args.run_dir)
-    rows = collect(cfg.run_dir, stages)
+    _cfg, stages = load_run(args.run_dir)
+    # DIR itself, not the run_dir recorded in its snapshot: a moved run is still found, and a
+    # copy shows its own manifests, not the original's
+    rows = collect(Path(args.run_dir), stages)
     print(json.dumps(as_json(rows), indent=2) if args.json else format_status(rows))
     return 0

@@ -20,8 +20,9 @@ import socket
 import time
 from pathlib import Path
 
-from prefvec_ds.pipeline.dag import Stage
+from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_json_atomic
+from prefvec_ds.pipeline.dag import Stage
 
 MANIFEST_DIR = ("pipeline", "manifests")
 #: Statuses that satisfy a downstream stage. `skipped`: an optional stage whose tool is absent.
@@ -34,13 +35,21 @@ def manifest_path(run_dir: Path, name: str) -> Path:
 
 
 def read(run_dir: Path, name: str) -> dict | None:
+    """The stage's manifest, None when it has none. A torn write cannot happen (atomic), but a
+    user edit, a disk error or a copy cut short can: an unreadable manifest is an error naming
+    it, never a silent "not started" (which would redo a finished stage)."""
     path = manifest_path(run_dir, name)
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:  # a torn write cannot happen (atomic), but a user edit can
-        return None
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are both
+        raise PrefvecError(f"manifest {path}: not a readable stage manifest ({err}); delete it "
+                           f"to run stage {name} again") from None
+    if not isinstance(manifest, dict):
+        raise PrefvecError(f"manifest {path}: expected a JSON object, found a "
+                           f"{type(manifest).__name__}; delete it to run stage {name} again")
+    return manifest
 
 
 def update(run_dir: Path, stage: Stage, **fields) -> dict:

@@ -8,6 +8,8 @@ DeepSpeed JSON) are made absolute, because jobs may start in another directory.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -39,10 +41,32 @@ def validate(cfg: RunConfig) -> None:
 
         validate_mora(cfg)
     build_dag(cfg)  # checks pipeline.merges against data.preferences
+    _check_run_dir(cfg)
+    for merge in cfg.pipeline.merges:  # '.' and '..' pass the name pattern, but name no folder
+        if merge.name in (".", ".."):
+            raise PrefvecError(f"config parameter pipeline.merges[].name: expected a folder name "
+                               f"(letters, digits, _ . -), got {merge.name!r}")
 
 
-def prepare(config: str | Path, overrides: list[str] | tuple = ()) -> tuple[RunConfig, list[Stage]]:
-    """Load and validate, write the snapshot, and return the config read back from it."""
+def _check_run_dir(cfg: RunConfig) -> None:
+    """run_dir (and every folder above it that exists) must be a folder we can write in."""
+    run_dir = Path(cfg.run_dir)
+    for folder in [run_dir, *run_dir.resolve().parents]:
+        if folder.exists():
+            if not folder.is_dir():
+                raise PrefvecError(f"config parameter run_dir: {folder} is a file, expected a "
+                                   "folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PrefvecError(f"config parameter run_dir: cannot write in {folder} "
+                                   "(permission denied or read-only file system)")
+            return
+
+
+def prepare(config: str | Path, overrides: list[str] | tuple = (),
+            write: bool = True) -> tuple[RunConfig, list[Stage]]:
+    """Load and validate, write the snapshot, and return the config read back from it.
+    write=False (a dry run) reads it back from a private temporary copy instead: the run
+    folder is not touched (a rewritten snapshot made finished stages look stale)."""
     cfg = load_config(config, overrides)
     validate(cfg)
     expand_preference_paths(cfg)  # "{run_dir}/mora/pairs.jsonl" -> an absolute path
@@ -51,8 +75,17 @@ def prepare(config: str | Path, overrides: list[str] | tuple = ()) -> tuple[RunC
     raw["distributed"]["ds_config"] = str(find_ds_config(cfg).resolve())
     path = snapshot_path(raw["run_dir"])
     text = yaml.safe_dump(raw, sort_keys=False)
+    if not write:
+        with tempfile.TemporaryDirectory(prefix="prefvec-dry-run-") as tmp:
+            (Path(tmp) / "config.yaml").write_text(text, encoding="utf-8")
+            cfg = load_config(Path(tmp) / "config.yaml")
+        return cfg, build_dag(cfg)
     if not path.is_file() or path.read_text() != text:  # keep the mtime of an unchanged run
-        write_text_atomic(path, text)
+        try:
+            write_text_atomic(path, text)
+        except OSError as err:
+            raise PrefvecError(f"config parameter run_dir: cannot write {path} "
+                               f"({err.strerror or err})") from None
     cfg = load_config(path)
     return cfg, build_dag(cfg)
 

@@ -60,17 +60,44 @@ def validate(args: argparse.Namespace):
     cfg = load_config(args.config, args.overrides)
     world = (args.nproc or cfg.distributed.nproc_per_node) * cfg.distributed.nnodes
     if args.stage == "sft":
-        init_model_dir(cfg, materialize=False)
+        model_dir = init_model_dir(cfg, materialize=False)
         resolve_ds_config(cfg, cfg.sft, world)
+        validate_data(cfg, model_dir)
     else:
         if args.stage == "dpo":
-            cfg.parse_direction(args.direction)
+            preference, _sign = cfg.parse_direction(args.direction)
         elif args.preference not in cfg.data.preferences:
             raise PrefvecError(f"unknown preference {args.preference!r}: expected one of "
                                f"{', '.join(cfg.data.preferences)}")
-        base_model_dir(cfg)
+        else:
+            preference = args.preference
+        model_dir = base_model_dir(cfg)
         resolve_ds_config(cfg, cfg.dpo, world)
+        validate_data(cfg, model_dir, preference)
     return cfg
+
+
+def validate_data(cfg, model_dir, preference: str | None = None) -> None:
+    """Read (and, when the model's tokenizer is there, tokenize) the stage's data here, once:
+    a missing column, an empty file or an overlong prompt is then one error before any rank
+    starts, not the same error from every rank after a launch."""
+    from prefvec_ds.data.sources import load_preference, load_sft_examples  # noqa: PLC0415
+
+    if preference is None:
+        examples = load_sft_examples(cfg.data)
+    else:
+        pairs = load_preference(preference, cfg.data.preferences[preference], cfg.data)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((model_dir / f).is_file() for f in tokenizer_files):
+        return  # the embedded model is written by the stage itself
+    from prefvec_ds.data.tokenize import tokenize_pairs, tokenize_sft  # noqa: PLC0415
+    from prefvec_ds.train.stage import load_tokenizer  # noqa: PLC0415
+
+    tokenizer = load_tokenizer(model_dir)
+    if preference is None:
+        tokenize_sft(examples, tokenizer, cfg.data)
+    else:
+        tokenize_pairs(pairs, tokenizer, cfg.data)
 
 
 def entry_args(args: argparse.Namespace) -> list[str]:

@@ -36,7 +36,7 @@ def test_hh_adapter_on_real_rows_splits_prompt_and_final_responses():
     pairs, skipped = hh_pairs(rows, str(path))
     assert len(pairs) + skipped == len(rows) and skipped < 0.01 * len(rows)
     for pair in pairs[:200]:
-        row = rows[int(pair.origin.rsplit(":", 1)[1])]
+        row = rows[rows.lines.index(int(pair.origin.rsplit(":", 1)[1]))]  # origin: file:LINE
         assert pair.prompt[-1][0] == "user" and pair.prompt[0][0] == "user"
         last = row["chosen"].rsplit("\n\nAssistant:", 1)
         assert pair.chosen == last[1].strip()
@@ -54,7 +54,7 @@ def test_generic_jsonl_and_missing_column_names_the_row(tmp_path):
     f.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
                  + json.dumps({"prompt": "q2", "chosen": "a"}) + "\n")
     rows = read_rows(str(f))
-    with pytest.raises(PrefvecError, match=r"p.jsonl:1: missing column\(s\) rejected"):
+    with pytest.raises(PrefvecError, match=r"p.jsonl:2: missing column\(s\) rejected"):
         jsonl_pairs(rows, str(f))
     assert jsonl_pairs(rows[:1], str(f))[0].chosen == "a"
 
@@ -147,3 +147,37 @@ def test_embedded_tokenizer_round_trips_every_generated_text():
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids
             assert tok.decode(ids) == text
+
+
+def test_errors_name_the_real_1_based_line(tmp_path):
+    f = tmp_path / "p.jsonl"
+    good = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"})
+    f.write_text(f"{good}\n\n{good}\n{good}\n{{\"prompt\": \"q\", oops}}\n")
+    with pytest.raises(PrefvecError, match=r"p.jsonl, line 5: not valid JSON"):
+        read_rows(str(f))
+    f.write_text(f"{good}\n\n{good}\n" + json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    with pytest.raises(PrefvecError, match=r"p.jsonl:4: missing column\(s\) rejected"):
+        jsonl_pairs(read_rows(str(f)), str(f))
+    j = tmp_path / "p.json"
+    j.write_text('[\n  {"prompt": "q",\n   "chosen": }\n]')
+    with pytest.raises(PrefvecError, match=r"p.json, line 3: not valid JSON"):
+        read_rows(str(j))
+    j.write_text(json.dumps([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q"}]))
+    with pytest.raises(PrefvecError, match=r"p.json: row 2: missing column"):
+        jsonl_pairs(read_rows(str(j)), str(j))
+
+
+@pytest.mark.parametrize("row,column", [({"prompt": "q", "chosen": 5, "rejected": "b"}, "chosen"),
+                                        ({"prompt": "q", "chosen": "a", "rejected": None},
+                                         "rejected"),
+                                        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "prompt"),
+                                        ({"prompt": [{"role": "user"}], "chosen": "a",
+                                          "rejected": "b"}, "prompt")])
+def test_non_string_fields_are_one_line_errors(tmp_path, row, column):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(PrefvecError, match=rf"p.jsonl:1: column {column}: expected"):
+        jsonl_pairs(read_rows(str(f)), str(f))
+    f.write_text("[1, 2]\n")
+    with pytest.raises(PrefvecError, match=r"p.jsonl:1: expected a row object"):
+        jsonl_pairs(read_rows(str(f)), str(f))
