@@ -122,6 +122,10 @@ class OptimConfig:
     """Save a ZeRO-3 checkpoint every N steps (0 = only at the end)."""
     log_every: int = 10
     """Write TensorBoard scalars every N steps."""
+    keep_checkpoints: int = 2
+    """Complete ZeRO-3 checkpoint tags kept in <stage>/ckpt (the newest N; 0 = keep all). An
+    8B tag is ~96 GB (12 B/param), and ~6 saves per direction filled ~2.6 TB for the 8B recipe.
+    The tag a run resumed from and the one `latest` names are never deleted."""
 
     def _validate(self, stage: str):
         _check(self.epochs > 0, f"{stage}.epochs", "> 0", self.epochs)
@@ -134,6 +138,9 @@ class OptimConfig:
             _check(getattr(self, name) >= 1, f"{stage}.{name}", ">= 1", getattr(self, name))
         _check(self.save_every >= 0 and self.max_steps >= 0, f"{stage}.save_every/max_steps",
                ">= 0", (self.save_every, self.max_steps))
+        _check(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0,
+               f"{stage}.keep_checkpoints", "an integer >= 0 (0 = keep all)",
+               self.keep_checkpoints)
 
 
 @dataclass
@@ -186,6 +193,10 @@ class DistributedConfig:
     """How `prefvec train` starts ranks when not already inside a launch: deepspeed | torchrun."""
     max_concurrent_jobs: int = 0
     """Local executor: DPO directions run at once (0 = as many as the devices allow)."""
+    timeout_minutes: int = 60
+    """Collective timeout of the ranks (DEEPSPEED_TIMEOUT, minutes; DeepSpeed's default is 10):
+    an 8B ZeRO-3 save writes ~96 GB before its barrier, and the first hub download of a data
+    set happens per rank before the first collective."""
 
     def __post_init__(self):
         _check(self.nproc_per_node >= 1, "distributed.nproc_per_node", ">= 1",
@@ -193,6 +204,8 @@ class DistributedConfig:
         _check(self.nnodes >= 1, "distributed.nnodes", ">= 1", self.nnodes)
         _check(self.launcher in ("deepspeed", "torchrun"), "distributed.launcher",
                "deepspeed|torchrun", self.launcher)
+        _check(isinstance(self.timeout_minutes, int) and self.timeout_minutes >= 1,
+               "distributed.timeout_minutes", "an integer >= 1", self.timeout_minutes)
 
 
 @dataclass

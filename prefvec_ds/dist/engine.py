@@ -71,12 +71,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+def served_device_types(backend_name: str) -> list[str]:
+    """Device types a process group's backend string serves: "gloo" -> cpu and cuda, "nccl" ->
+    cuda only, "cpu:gloo,cuda:nccl" -> both (torch's own capability table)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    name = str(backend_name).lower()
+    if ":" in name:
+        return [part.split(":")[0] for part in name.split(",")]
+    return list(dist.Backend.backend_capability.get(name, ["cpu"]))
+
+
+def collective_device() -> torch.device:
+    """Where collective buffers must live: the CPU when the default group serves it (gloo),
+    else this rank's accelerator. NCCL serves only CUDA tensors: a CPU tensor on an NCCL group
+    raises "No backend type associated with device type cpu" (the metric all-reduce at DPO's
+    step-0 held-out eval and the per-step stop check died on it on the first GPU run)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    served = served_device_types(dist.get_backend())
+    if "cpu" in served:
+        return torch.device("cpu")
+    kind = served[0]
+    return torch.device(kind, getattr(torch, kind).current_device())
+
+
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sum scalars over ranks in one collective (keys in sorted order on every rank)."""
+    """Sum scalars over ranks in one collective (keys in sorted order on every rank), in a
+    buffer on `collective_device()`."""
     import torch.distributed as dist  # noqa: PLC0415
 
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
@@ -90,6 +119,19 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def from_rank0(obj):
+    """Rank 0's value of `obj` on every rank. For decisions read from a shared filesystem
+    ("is this tag saved?", "which tag do we resume?"): with NFS attribute caching nodes can see
+    different directory listings, and ranks that disagree enter different collectives (a hang)."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def peak_rss_mb_per_rank() -> list[float]:
@@ -249,9 +291,47 @@ def latest_complete_tag(ckpt_dir: Path) -> str | None:
     return max(tags, key=lambda p: int(p.name.removeprefix("global_step"))).name
 
 
+def resume_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete tag as rank 0 sees it, on every rank (see from_rank0)."""
+    return from_rank0(latest_complete_tag(ckpt_dir) if rank() == 0 else None)
+
+
+def tags_to_prune(ckpt_dir: Path, keep: int, protect: set[str] = frozenset()) -> list[Path]:
+    """Complete tags beyond the newest `keep` (oldest first), never one in `protect` nor the one
+    DeepSpeed's `latest` file names (the extractor reads that one). keep=0 keeps everything.
+    Incomplete tags are left alone: they are either being written or a crashed save to inspect."""
+    ckpt_dir = Path(ckpt_dir)
+    if keep <= 0 or not ckpt_dir.is_dir():
+        return []
+    complete = sorted((p for p in ckpt_dir.glob("global_step*")
+                       if (p / COMPLETE_MARKER).is_file()
+                       and p.name.removeprefix("global_step").isdigit()),
+                      key=lambda p: int(p.name.removeprefix("global_step")))
+    latest = ckpt_dir / "latest"
+    named = {latest.read_text().strip()} if latest.is_file() else set()
+    return [p for p in complete[:-keep] if p.name not in set(protect) | named]
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, protect: set[str] = frozenset()) -> list[str]:
+    """Delete tags_to_prune on rank 0 (call after save_checkpoint's barriers); the names."""
+    import shutil  # noqa: PLC0415
+
+    if rank() != 0:
+        return []
+    gone = []
+    for path in tags_to_prune(ckpt_dir, keep, protect):
+        # the marker goes first: a crash mid-delete leaves an incomplete tag, never a "complete"
+        # one with missing shards
+        (path / COMPLETE_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+        gone.append(path.name)
+    return gone
+
+
 def load_checkpoint(engine, ckpt_dir: Path) -> dict | None:
-    """Resume the engine (weights, optimizer, LR schedule) from the newest complete tag."""
-    tag = latest_complete_tag(ckpt_dir)
+    """Resume the engine (weights, optimizer, LR schedule) from the newest complete tag (rank 0
+    decides which; every rank loads that one)."""
+    tag = resume_tag(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)

@@ -2,8 +2,11 @@
 
 Order of precedence (first match wins):
 1. torchrun / deepspeed launcher: RANK, WORLD_SIZE, LOCAL_RANK are already set.
-2. MPI (mpirun, srun --mpi=pmix): OMPI_COMM_WORLD_* or PMIX_RANK. Checked before SLURM because
-   under `mpirun` inside an sbatch job every rank sees SLURM_PROCID=0.
+2. MPI (mpirun): OMPI_COMM_WORLD_* or PMIX_RANK / PMI_RANK. Checked before SLURM because
+   under `mpirun` inside an sbatch job every rank sees SLURM_PROCID=0. Exception: a task that
+   srun started itself (SLURM_STEP_ID set, no OMPI_* variables, PMI/PMIx ranks equal to
+   SLURM's) goes to 3: clusters with `MpiDefault=pmix|pmi2` set PMIX_RANK/PMI_RANK in every srun
+   task, and the MPI path would need mpi4py (an optional extra) on every rank for nothing.
 3. SLURM srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the first host of
    SLURM_JOB_NODELIST (via `scontrol show hostnames`), MASTER_PORT derived from the job id.
 4. A single process.
@@ -53,7 +56,24 @@ def _first_slurm_host(nodelist: str) -> str:
     return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
 
 
+def srun_task(env) -> bool:
+    """True for a process that srun started as one task of a step (not an MPI launcher's rank):
+    SLURM's ids are then the ranks, whatever PMI/PMIx variables the site's MpiDefault adds."""
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return False
+    if any(key.startswith("OMPI_COMM_WORLD_") for key in env):
+        return False  # OpenMPI's mpirun (its daemons may run in an srun step)
+    # MPICH/Hydra's mpirun starts one proxy per node with srun: its ranks' PMI_RANK differ
+    # from the proxy's SLURM_PROCID, and PMI_SIZE from SLURM_NTASKS (the node count)
+    same = [env[key] == env["SLURM_PROCID"] for key in ("PMIX_RANK", "PMI_RANK") if key in env]
+    if "PMI_SIZE" in env:
+        same.append(env["PMI_SIZE"] == env.get("SLURM_NTASKS", "1"))
+    return all(same)
+
+
 def _mpi_rank_vars(env) -> tuple[int, int, int] | None:
+    if srun_task(env):
+        return None
     if "OMPI_COMM_WORLD_RANK" in env:
         return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
                 int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
@@ -103,6 +123,26 @@ def accelerator_is_cpu(env=None) -> bool:
     import torch  # noqa: PLC0415
 
     return not torch.cuda.is_available()
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU of this rank among the visible ones: local_rank when every GPU of the node is
+    visible, local_rank % count when the site binds GPUs per task (`--gpu-bind`, per-task
+    `--gpus`: one visible GPU, and set_device(LOCAL_RANK) is an "invalid device ordinal")."""
+    if device_count < 1:
+        raise RuntimeError("no CUDA device is visible to this rank")
+    return local_rank % device_count
+
+
+DEFAULT_TIMEOUT_MINUTES = 60
+
+
+def timeout_env(minutes: int = DEFAULT_TIMEOUT_MINUTES) -> dict[str, str]:
+    """Variables that set the collective timeout of the ranks a launcher starts: DeepSpeed
+    reads DEEPSPEED_TIMEOUT (minutes) when deepspeed is imported, and passes it to
+    init_process_group. Its default of 10 min is shorter than an 8B ZeRO-3 save (~96 GB through
+    a shared filesystem before the save's barrier: 10 min is ~160 MB/s in aggregate)."""
+    return {"DEEPSPEED_TIMEOUT": str(int(minutes))}
 
 
 def backend(env=None) -> str:

@@ -141,12 +141,18 @@ def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | No
     if launcher == "srun":
         # the sbatch script already exported DS_ACCELERATOR and TORCH_EXTENSIONS_DIR; skipping
         # stage_env spares this process the torch import (~4 CPU-s per job)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        from prefvec_ds.dist.env import timeout_env  # noqa: PLC0415
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               **timeout_env(cfg.distributed.timeout_minutes)}
     else:
         from prefvec_ds.dist.launch import stage_env  # noqa: PLC0415
 
         # torchrun honours CUDA_VISIBLE_DEVICES; for deepspeed the --include above does the job
-        env = stage_env(devices=devices if launcher == "torchrun" else None)
+        # (devices are physical ids: pipeline.local.device_slots maps them)
+        env = stage_env(devices=devices if launcher == "torchrun" else None,
+                        timeout_minutes=cfg.distributed.timeout_minutes)
+        env.update(timeout_env(cfg.distributed.timeout_minutes))  # the config's value wins
     try:
         proc = subprocess.Popen(cmd, env=env)
     except FileNotFoundError:

@@ -48,8 +48,16 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def device_slots(cfg: RunConfig, n_gpus: int) -> list[list[int] | None]:
-    """One entry per job that may run at once: its GPUs, or None on CPU."""
+def device_slots(cfg: RunConfig, n_gpus: int, env=None) -> list[list[int] | None]:
+    """One entry per job that may run at once: its GPUs as physical ids, or None on CPU.
+
+    `n_gpus` counts the visible GPUs; slot k takes the visible GPUs k*nproc.. and names them by
+    their physical ids (through a preset CUDA_VISIBLE_DEVICES), which is what the children
+    need: `deepspeed --include` drops the inherited CUDA_VISIBLE_DEVICES, and torchrun / MORA
+    shards get a CUDA_VISIBLE_DEVICES of their own.
+    """
+    from prefvec_ds.dist.launch import physical_gpus  # noqa: PLC0415
+
     limit = cfg.distributed.max_concurrent_jobs
     if n_gpus == 0:
         return [None] * (limit or max(len(cfg.directions()), 1))
@@ -57,7 +65,8 @@ def device_slots(cfg: RunConfig, n_gpus: int) -> list[list[int] | None]:
     if nproc > n_gpus:
         raise PrefvecError(f"config parameter distributed.nproc_per_node={nproc}: this node has "
                            f"only {n_gpus} GPU(s)")
-    slots = [list(range(i * nproc, (i + 1) * nproc)) for i in range(n_gpus // nproc)]
+    slots = [physical_gpus(list(range(i * nproc, (i + 1) * nproc)), env)
+             for i in range(n_gpus // nproc)]
     return slots[:limit] if limit else slots
 
 
@@ -174,8 +183,19 @@ def format_summary(results: dict[str, StageResult], total_s: float) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+def check_single_node(cfg: RunConfig) -> None:
+    """The local executor starts every rank on this machine. With nnodes > 1 it would run
+    nproc_per_node ranks where the config (its batch sizes, the DAG fingerprint) counts
+    nnodes * nproc_per_node: the global batch would silently shrink."""
+    if cfg.distributed.nnodes > 1:
+        raise PrefvecError(f"config parameter distributed.nnodes={cfg.distributed.nnodes}: "
+                           "`prefvec run` runs on this machine only; use `prefvec submit` for "
+                           "multi-node stages, or set distributed.nnodes=1")
+
+
 def run_local(cfg: RunConfig, stages: list[Stage]) -> int:
     """Plan, execute, summarise; exit code 0 when every stage is up to date at the end."""
+    check_single_node(cfg)
     t0 = time.monotonic()
     todo = manifest.plan(Path(cfg.run_dir), stages)
     if not todo:

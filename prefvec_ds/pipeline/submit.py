@@ -89,8 +89,20 @@ def check_no_active_jobs(run_dir: Path) -> None:
                            f"wait for them (`prefvec status {run_dir}`) or scancel them first")
 
 
+def check_accelerator_env(cfg: RunConfig, env=None) -> None:
+    """sbatch exports the submitting shell's environment, and the job scripts export its
+    DS_ACCELERATOR: a `DS_ACCELERATOR=cpu` left from CPU work would run GPU jobs on the CPU."""
+    env = os.environ if env is None else env
+    gpus = cfg.pipeline.slurm.gpus_per_node
+    if gpus > 0 and env.get("DS_ACCELERATOR") == "cpu":
+        raise PrefvecError(f"config parameter pipeline.slurm.gpus_per_node={gpus} but this shell "
+                           "has DS_ACCELERATOR=cpu, which the jobs would inherit (GPU jobs on "
+                           "CPU): unset DS_ACCELERATOR, or set pipeline.slurm.gpus_per_node=0")
+
+
 def submit_run(cfg: RunConfig, stages: list[Stage]) -> dict:
     """Submit every group with work to do; return (and record) the submission."""
+    check_accelerator_env(cfg)
     slurm.check_client("sbatch")
     run_dir = Path(cfg.run_dir)
     check_no_active_jobs(run_dir)

@@ -102,8 +102,15 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def _save(engine, spec: LoopSpec, step: int) -> None:
+def _save(engine, spec: LoopSpec, step: int, resumed_from: str | None = None) -> None:
+    """Checkpoint, then drop complete tags beyond stage.keep_checkpoints (never the resumed
+    one)."""
     dist.save_checkpoint(engine, spec.ckpt_dir, step, {"step": step, "rng": _rng_state()})
+    protect = {resumed_from} if resumed_from else set()
+    gone = dist.prune_checkpoints(spec.ckpt_dir, spec.stage.keep_checkpoints, protect)
+    if gone:
+        print(f"checkpoints pruned (keep_checkpoints={spec.stage.keep_checkpoints}): "
+              f"{', '.join(gone)}", flush=True)
 
 
 def _reduce_train_metrics(sums: dict[str, float], elapsed: float, steps: int,
@@ -128,6 +135,7 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
     install_signal_handlers()
     client = dist.load_checkpoint(engine, spec.ckpt_dir)
     step = int(client["step"]) if client else 0
+    resumed_from = f"global_step{step}" if client else None
     if client:
         _set_rng_state(client["rng"])
     log = MetricsLog(spec.folder / "metrics.jsonl", step)
@@ -164,16 +172,17 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
             t0 += time.perf_counter() - t_eval  # held-out evaluation is not training time
         saved = bool(spec.stage.save_every and step % spec.stage.save_every == 0)
         if saved:
-            _save(engine, spec, step)
+            _save(engine, spec, step, resumed_from)
         if _stop_agreed():
             if not saved:
-                _save(engine, spec, step)
+                _save(engine, spec, step, resumed_from)
             print(f"stop requested: checkpoint at step {step} saved, exiting for requeue",
                   flush=True)
             dist.shutdown()
             sys.exit(REQUEUE_EXIT_CODE)
-    if dist.latest_complete_tag(spec.ckpt_dir) != f"global_step{step}":
-        _save(engine, spec, step)
+    # rank 0 reads the (shared) folder and decides: every rank must agree to enter the save
+    if dist.resume_tag(spec.ckpt_dir) != f"global_step{step}":
+        _save(engine, spec, step, resumed_from)
     # only rank 0 holds the log: it decides, every rank follows (eval forwards are collective)
     final_eval = spec.evaluate is not None and not any(
         r["step"] == step and "eval/loss" in r for r in log.rows)

@@ -40,10 +40,7 @@ def train_sft(cfg: RunConfig) -> None:
 
     def compute(idx: list[int]):
         batch = collate_sft([examples[i] for i in idx], tokenizer.pad_token_id)
-        logits = engine(input_ids=batch["input_ids"],
-                        attention_mask=batch["attention_mask"]).logits
-        logps, ntok = sequence_logps(logits, batch["labels"])
-        loss = -logps.sum() / ntok.sum().clamp(min=1)
+        loss, _ = sft_loss(engine, batch)
         return loss, {}, int(batch["attention_mask"].sum())
 
     history = run_loop(engine, LoopSpec(cfg.sft, len(examples), schedule.total_steps, cfg.seed,
@@ -53,6 +50,20 @@ def train_sft(cfg: RunConfig) -> None:
     if dist.rank() == 0:
         mark_done(folder, steps=schedule.total_steps, last=history[-1] if history else {},
                   peak_rss_mb_per_rank=rss)
+
+
+def sft_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean label NLL, label count) of one collated SFT micro-batch.
+
+    The batch is moved to the engine's device first: DeepSpeedEngine.forward does not move
+    inputs, and a CPU batch on a CUDA engine fails in the embedding lookup ("Expected all
+    tensors to be on the same device"), as DPO's batch_logps already knew.
+    """
+    dev = engine.device
+    batch = {k: v.to(dev) for k, v in batch.items()}
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps, ntok = sequence_logps(logits, batch["labels"])
+    return -logps.sum() / ntok.sum().clamp(min=1), ntok.sum()
 
 
 def export_model(engine, tokenizer_src, target, dtype: torch.dtype) -> None:
