@@ -10,12 +10,48 @@ here imports torch.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from prefvec_ds.config.checks import check
 
 GRIDS = ("auto", "product", "pairs", "axes")
 BACKENDS = ("auto", "transformers", "vllm")
+VllmDtype = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass
+class VllmOptions:
+    """How a vLLM engine is started (generation.backend auto|vllm on a GPU). vLLM's own
+    defaults are unsafe here: 0.9 of the GPU (its start-up check fails while our fp32 base or
+    a scorer holds memory), max_model_len 131072 for Llama-3.1 (16 GiB of KV cache for one
+    sequence), and the folder's dtype whatever the run asked for."""
+
+    gpu_memory_utilization: float = 0.6
+    """Share of the GPU's memory vLLM may take (weights + KV cache). vLLM refuses to start when
+    less than this share is free: it is checked after the sweep's own model is freed, but a
+    reward/cost scorer stays resident (a few GB), so the default leaves room for it."""
+    max_model_len: int = 0
+    """Context length vLLM reserves per sequence; 0 = the longest prompt of the call (our own
+    tokenization) + max_new_tokens."""
+    enforce_eager: bool = False
+    """Skip CUDA-graph capture (saves ~1 GB and ~30 s of start-up per engine; slower decode)."""
+    dtype: VllmDtype = "auto"
+    """Weights dtype in vLLM: auto (eval: the folder's torch_dtype; MORA: pipeline.mora.dtype),
+    bf16, fp16 or fp32."""
+
+    def __post_init__(self):
+        where = "vllm"  # pipeline.eval.generation.vllm or pipeline.mora.vllm
+        check(0 < self.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
+              "in (0, 1]", self.gpu_memory_utilization)
+        check(isinstance(self.max_model_len, int) and self.max_model_len >= 0,
+              f"{where}.max_model_len", "an integer >= 0 (0 = prompts + max_new_tokens)",
+              self.max_model_len)
+        check(isinstance(self.enforce_eager, bool), f"{where}.enforce_eager", "true or false",
+              self.enforce_eager)
+        choices = typing.get_args(VllmDtype)
+        check(self.dtype in choices, f"{where}.dtype", " | ".join(choices), self.dtype)
 
 
 @dataclass
@@ -38,8 +74,12 @@ class GenerationSpec:
     """Sampling seed; batch b uses seed + b."""
     backend: str = "auto"
     """auto (vLLM when installed and a GPU is present, else transformers), transformers, vllm."""
+    vllm: VllmOptions = field(default_factory=VllmOptions)
+    """Engine settings when vLLM generates (memory share, context length, eager, dtype)."""
 
     def __post_init__(self):
+        if isinstance(self.vllm, dict):
+            self.vllm = VllmOptions(**self.vllm)
         check(self.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1", self.max_new_tokens)
         check(self.temperature > 0, "generation.temperature", "> 0", self.temperature)
         check(0 < self.top_p <= 1, "generation.top_p", "in (0, 1]", self.top_p)

@@ -20,7 +20,8 @@ from typing import Sequence
 from prefvec_ds.atomic import temporary_beside
 from prefvec_ds.data.pairs import Messages
 from prefvec_ds.eval import margins as margin_mod
-from prefvec_ds.eval.generate import GenerationSpec, generate, generate_vllm, load_policy, use_vllm
+from prefvec_ds.eval.generate import (GenerationSpec, free_accelerator_memory, generate,
+                                      generate_vllm, load_policy, use_vllm)
 from prefvec_ds.eval.grid import Point, label
 from prefvec_ds.eval.scorers import Scorer, mean_scores, score_all
 
@@ -136,6 +137,7 @@ def run_sweep(spec: SweepSpec, answers_path: Path) -> dict:
         drift = {"cycles": len(order), "max_abs_param_diff": param_drift(model, spec.base_dir),
                  "zero_point_same_answers": same, "prompts": len(base_answers)}
         del model
+        free_accelerator_memory()  # the fp32 base leaves the GPU before any merged model loads
         models = {name: _record(score_model_dir(folder, spec), spec, name, None, log)
                   for name, folder in spec.models.items()}
     tmp.replace(answers_path)
@@ -154,9 +156,14 @@ def score_model_dir(folder: Path, spec: SweepSpec) -> dict:
     """A merged model folder as written: vLLM answers when it can run, else transformers."""
     answers = None
     if use_vllm(spec.generation):
+        # the engine is shut down and its memory freed before the fp32 load for the margins
         answers = generate_vllm(folder, spec.prompts, spec.generation)
     model, tok = load_policy(folder, "fp32")
-    return evaluate_loaded(model, tok, spec, answers)
+    try:
+        return evaluate_loaded(model, tok, spec, answers)
+    finally:
+        del model
+        free_accelerator_memory()
 
 
 def scores_table(summary: dict) -> list[dict]:

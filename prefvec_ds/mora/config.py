@@ -156,7 +156,10 @@ class MoraConfig:
     backend: str = "auto"
     """Generation back end: auto | transformers | vllm (prefvec_ds.eval.generate)."""
     dtype: str = "fp32"
-    """Policy weights dtype for generation (fp32 | bf16 | fp16)."""
+    """Policy weights dtype for generation (fp32 | bf16 | fp16); also vLLM's unless vllm.dtype
+    says otherwise."""
+    vllm: VllmOptions = field(default_factory=lambda: VllmOptions())
+    """vLLM engine settings of the sampling policy (one engine per shard, on the shard's GPU)."""
     cpu_threads: int = 1
     """torch threads per shard process on CPU (0 = torch's default). Sampling batches are
     small: with several shards (or other jobs) on few cores, OpenMP threads spin against each
@@ -209,6 +212,8 @@ class MoraConfig:
         check(self.dtype in ("fp32", "bf16", "fp16"), "pipeline.mora.dtype", "fp32|bf16|fp16",
               self.dtype)
         check(self.cpu_threads >= 0, "pipeline.mora.cpu_threads", ">= 0", self.cpu_threads)
+        if isinstance(self.vllm, dict):
+            self.vllm = VllmOptions(**self.vllm)
         self._check_mix()
 
     def _check_mix(self) -> None:
@@ -234,3 +239,9 @@ class MoraConfig:
                 out.append(src)
             mixed[name] = out
         self.mix_into = mixed
+
+
+# At the end, not the top: prefvec_ds.config (imported by this) imports this module while it
+# initialises; the dataclass needs VllmOptions only when an instance is made or its type hints
+# are read (the loader), both after this line ran.
+from prefvec_ds.config.evaluation import VllmOptions  # noqa: E402

@@ -26,17 +26,25 @@ class Sampler:
     """Sampled answers of one policy folder, batched per chunk."""
 
     def __init__(self, model_dir: Path, mora: MoraConfig, local_rank: int = 0):
+        """vLLM: mora.vllm sets the engine (ChunkWorker fills max_model_len from data.max_len
+        when it is 0). Under srun the shard's GPU is pinned before this runs
+        (prefvec_ds.mora.stage.pin_shard_gpu): vLLM has no device argument."""
         from prefvec_ds.eval.generate import use_vllm  # noqa: PLC0415
 
         self.mora = mora
         self.vllm = use_vllm(self.spec(1, 0))
+        self.llm = None
         if self.vllm:
             from vllm import LLM  # noqa: PLC0415
 
+            from prefvec_ds.eval.generate import (free_accelerator_memory,  # noqa: PLC0415
+                                                  vllm_engine_args)
             from prefvec_ds.train.stage import load_tokenizer  # noqa: PLC0415
 
             self.tok = load_tokenizer(Path(model_dir))
-            self.llm = LLM(model=str(model_dir), seed=mora.seed)
+            free_accelerator_memory()  # the scorers were built first
+            self.llm = LLM(**vllm_engine_args(model_dir, mora.vllm, mora.seed, 512,
+                                              mora.max_new_tokens, default_dtype=mora.dtype))
         else:
             import torch  # noqa: PLC0415
 
@@ -72,12 +80,18 @@ class Sampler:
         return generate(self.model, self.tok, prompts, spec)
 
     def _sample_vllm(self, prompts: Sequence[Messages], spec) -> list[list[str]]:
-        from vllm import SamplingParams  # noqa: PLC0415
+        from prefvec_ds.eval.generate import sampling_params, vllm_prompts  # noqa: PLC0415
 
-        from prefvec_ds.data.tokenize import render_prompt  # noqa: PLC0415
-
-        params = SamplingParams(n=spec.num_samples, max_tokens=spec.max_new_tokens,
-                                temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed)
-        outputs = self.llm.generate([render_prompt(self.tok, p) for p in prompts], params,
+        outputs = self.llm.generate(vllm_prompts(self.tok, prompts), sampling_params(spec),
                                     use_tqdm=False)
         return [[c.text.strip() for c in o.outputs] for o in outputs]
+
+    def close(self) -> None:
+        """Shut the vLLM engine down (its engine-core process and GPU memory)."""
+        if self.llm is not None:
+            from prefvec_ds.eval.generate import (free_accelerator_memory,  # noqa: PLC0415
+                                                  shutdown_vllm)
+
+            shutdown_vllm(self.llm)
+            self.llm = None
+            free_accelerator_memory()

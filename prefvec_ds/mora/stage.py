@@ -137,8 +137,24 @@ class ChunkWorker:
         policy = policy_dir(cfg)
         self.table = DimensionTable(self.mora.dimensions)
         self.scorers = build_scorers(self.mora.scorers)
-        self.sampler = Sampler(policy, self.mora, local_rank)
+        self.sampler = Sampler(policy, self._sampler_config(), local_rank)
         self.rewriter = build_rewriter(self.mora.rewriter, policy)
+
+    def _sampler_config(self):
+        """mora with vllm.max_model_len filled in when 0: a vLLM engine lives for the whole
+        shard, so it reserves data.max_len prompt tokens + max_new_tokens (not vLLM's 131072
+        for Llama-3.1: 16 GiB of KV cache for one sequence)."""
+        vllm = self.mora.vllm
+        if vllm.max_model_len:
+            return self.mora
+        length = self.cfg.data.max_len + self.mora.max_new_tokens
+        return dataclasses.replace(self.mora, vllm=dataclasses.replace(vllm, max_model_len=length))
+
+    def close(self) -> None:
+        """Shut the sampler's vLLM engine down (a no-op for transformers)."""
+        close = getattr(self.sampler, "close", None)
+        if close is not None:
+            close()
 
     def _scored(self, answers, vectors, ns: list[int]) -> dict:
         combined = [self.table.combined(v) for v in vectors]
@@ -215,17 +231,43 @@ def run_shard(cfg: RunConfig, shard: int, num_shards: int, local_rank: int = 0) 
         signal.signal(sig, _stop)
     worker = ChunkWorker(cfg, local_rank)
     t0 = time.monotonic()
-    with pairs_io.ShardLog(pairs_io.shard_path(out, shard, num_shards)) as log:
-        for k, (c, prompts) in enumerate(mine):
-            if _STOP:
-                print(f"[mora] shard {shard}: stopped by a signal; a re-run resumes", flush=True)
-                return REQUEUE_EXIT_CODE
-            for record in worker.run(c, prompts):
-                if record["id"] not in done:
-                    log.append(record)
-            print(f"[mora] shard {shard}: chunk {k + 1}/{len(mine)} "
-                  f"({time.monotonic() - t0:.1f} s)", flush=True)
+    try:
+        with pairs_io.ShardLog(pairs_io.shard_path(out, shard, num_shards)) as log:
+            for k, (c, prompts) in enumerate(mine):
+                if _STOP:
+                    print(f"[mora] shard {shard}: stopped by a signal; a re-run resumes",
+                          flush=True)
+                    return REQUEUE_EXIT_CODE
+                for record in worker.run(c, prompts):
+                    if record["id"] not in done:
+                        log.append(record)
+                print(f"[mora] shard {shard}: chunk {k + 1}/{len(mine)} "
+                      f"({time.monotonic() - t0:.1f} s)", flush=True)
+    finally:
+        worker.close()
     return 0
+
+
+def pin_shard_gpu(env=None) -> str | None:
+    """Under srun every task of a node sees all of the node's GPUs (`--gpus-per-node`), and
+    vLLM takes no device argument: every shard's engine started on GPU 0 and the second one
+    failed vLLM's free-memory check. An srun task therefore keeps only the GPU of its
+    SLURM_LOCALID (through a preset CUDA_VISIBLE_DEVICES), before torch or vLLM touch CUDA;
+    the scorers, built later, land there too. Local shards already get one GPU each
+    (launch_local). Returns the GPU kept, or None when nothing was changed."""
+    from prefvec_ds.dist.env import srun_task  # noqa: PLC0415
+    from prefvec_ds.dist.launch import visible_gpu_ids  # noqa: PLC0415
+
+    env = os.environ if env is None else env
+    if not srun_task(env) or env.get("DS_ACCELERATOR") == "cpu":
+        return None
+    visible = visible_gpu_ids(env)
+    if visible == []:
+        return None  # no GPU at all
+    local = int(env.get("SLURM_LOCALID", 0))
+    gpu = str(visible[local % len(visible)] if visible else local)
+    env["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu
 
 
 def launch_local(argv: list[str], nproc: int, devices: list[int] | None = None) -> int:
@@ -280,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ignore SLURM array variables (the pipeline's own launches)")
     args = p.parse_args(argv)
     try:
+        pin_shard_gpu()  # first: nothing may have initialised CUDA yet
         cfg = load_config(args.config, args.overrides)
         shard, num, local = shard_of(use_array=not args.no_array)
         return run_shard(cfg, shard, num, local)
