@@ -16,6 +16,8 @@ the I/O lower bound of (b): bytes read (fp32 partitions + base) / read bandwidth
 written / write bandwidth (one disk: reads and writes share it; the overlapped bound, the larger
 of the two terms, is printed too).
 Targets from issue 3: (b) >= 4.5x faster than (a), peak RSS <= 1/4 of (a), time <= 1.3x the bound.
+With --crc-cost, (b) is also timed without the CRC-32 check of the rank files' records
+(PREFVEC_VERIFY_CRC=0), interleaved with runs that have it, and the check's cost is printed.
 Both outputs are compared tensor by tensor (max abs difference printed). With --also-layers N,
 (b) is measured on a second model size too (built and cached the same way), to check that its
 peak RSS does not grow with the model.
@@ -219,15 +221,37 @@ def conventional(models: Path, work: Path, venv: Path) -> list[tuple[str, float,
     return steps
 
 
-def ours(models: Path, work: Path, workers: int) -> tuple[float, float, Path]:
+def ours(models: Path, work: Path, workers: int, env: dict | None = None
+         ) -> tuple[float, float, Path]:
     out = work / "merged_prefvec"
     shutil.rmtree(out, ignore_errors=True)
     evict(models / "base", models / "plus", models / "minus")
     cmd = [sys.executable, "-m", "prefvec_ds.cli", "merge", "--base", str(models / "base"),
            "--vector", f"{models / 'plus'},{models / 'minus'}=1", "--out", str(out),
            "--workers", str(workers)]
-    wall, rss = measure(cmd, {"PYTHONPATH": str(HERE.parents[1])})
+    wall, rss = measure(cmd, {"PYTHONPATH": str(HERE.parents[1]), **(env or {})})
     return wall, rss, out
+
+
+def crc_cost(models: Path, work: Path, workers: int, repeats: int) -> dict:
+    """(b) with the CRC-32 check of every record read (the default) and without it
+    (PREFVEC_VERIFY_CRC=0), runs interleaved so that load on the machine hits both alike."""
+    on, off = [], []
+    for _ in range(repeats):
+        on.append(ours(models, work, workers)[0])
+        off.append(ours(models, work, workers, {"PREFVEC_VERIFY_CRC": "0"})[0])
+    sys.path.insert(0, str(HERE.parents[1]))
+    from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
+
+    checked = sum(f.stat().st_size for label in ("plus", "minus")
+                  for f in Zero3Checkpoint(models / label).optim_files)
+    t_on, t_off = statistics.median(on), statistics.median(off)
+    print(f"CRC-32 check: (b) median of {repeats}: {t_on:.2f} s with it, {t_off:.2f} s without "
+          f"(PREFVEC_VERIFY_CRC=0): cost {100 * (t_on / t_off - 1):+.1f}% "
+          f"(runs with: {', '.join(f'{t:.2f}' for t in on)}; without: "
+          f"{', '.join(f'{t:.2f}' for t in off)}; rank files {checked / 1e9:.2f} GB)")
+    return {"crc_on_s": t_on, "crc_off_s": t_off, "crc_cost": t_on / t_off - 1,
+            "crc_on_runs": on, "crc_off_runs": off}
 
 
 def bytes_moved(models: Path, out: Path) -> tuple[int, int]:
@@ -277,6 +301,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="median of this many runs (and of this many disk probes)")
     ap.add_argument("--only-ours", action="store_true", help="skip the conventional route")
+    ap.add_argument("--crc-cost", action="store_true",
+                    help="also time (b) with and without the CRC-32 check (issue 14: <= 10%%)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = build(args.workdir, args.layers)
@@ -320,6 +346,8 @@ def main() -> None:
         diff = max_difference(work / "merged_mergekit", out)
         print(f"max |(a) - (b)| over all tensors: {diff:.3g}")
         results.update(speedup=a_wall / b_wall, rss_ratio=b_rss / a_rss, max_abs_diff=diff)
+    if args.crc_cost:
+        results.update(crc_cost(models, work, args.workers, args.repeats))
     if args.also_layers:
         results["also"] = _second_size(args, params, b_wall, b_rss)
     (work / "results.json").write_text(json.dumps(results, indent=2))

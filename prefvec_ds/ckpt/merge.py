@@ -154,7 +154,8 @@ def _buffer_segments(name: str, tensor) -> tuple:
     """A ZeRO-3 base's persistent buffer (full on rank 0) as one segment of its file."""
     if not tensor.is_contiguous():
         raise PrefvecError(f"file {tensor.file}: buffer {name}: not contiguous")
-    return (Segment(0, tensor.numel(), tensor.dtype, tensor.file, tensor.offset),)
+    return (Segment(0, tensor.numel(), tensor.dtype, tensor.file, tensor.offset,
+                    tensor.record),)
 
 
 def _plan(base_src, order, floats, vectors, maps, code: str, out) -> tuple[list, list]:

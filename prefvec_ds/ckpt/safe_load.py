@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import dataclasses
 import enum
 import io
 import os
@@ -65,17 +66,32 @@ DEEPSPEED_STAND_INS = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class ZipRecord:
+    """One stored (uncompressed) zip entry: its data bytes [start, start + size) of `file` and
+    the CRC-32 the zip writer recorded for them. Readers verify the CRC of every record they
+    read (stream.py), so finite garbage in a rank file is an error, not a wrong vector."""
+    file: Path
+    name: str
+    start: int
+    size: int
+    crc: int
+
+
 class StoredTensor:
-    """Where a pickled tensor's elements are: `file` at byte `offset`, `dtype` a safetensors code.
+    """Where a pickled tensor's elements are: `file` at byte `offset`, `dtype` a safetensors code;
+    `record`: the zip entry holding them (for the CRC check).
 
     Only the location is kept; `numpy()` reads the values (a fresh array, bf16 as uint16 bits).
     """
 
-    __slots__ = ("file", "dtype", "shape", "stride", "offset")
+    __slots__ = ("file", "dtype", "shape", "stride", "offset", "record")
 
-    def __init__(self, file: Path, dtype: str, shape: tuple, stride: tuple, offset: int):
+    def __init__(self, file: Path, dtype: str, shape: tuple, stride: tuple, offset: int,
+                 record: ZipRecord | None = None):
         self.file, self.dtype, self.offset = file, dtype, offset
         self.shape, self.stride = shape, stride
+        self.record = record
 
     def __setstate__(self, state):  # a BUILD opcode must not rewrite where the bytes are
         raise pickle.UnpicklingError("BUILD on a tensor is not allowed")
@@ -120,10 +136,11 @@ class StoredTensor:
 
 
 class _Storage:
-    __slots__ = ("file", "dtype", "offset", "numel")
+    __slots__ = ("file", "dtype", "offset", "numel", "record")
 
-    def __init__(self, file, dtype, offset, numel):
+    def __init__(self, file, dtype, offset, numel, record=None):
         self.file, self.dtype, self.offset, self.numel = file, dtype, offset, numel
+        self.record = record
 
 
 class _TypeToken:
@@ -144,7 +161,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored):
         raise pickle.UnpicklingError(f"tensor {size} at {storage_offset} beyond its storage "
                                      f"({storage.numel} elements)")
     return StoredTensor(storage.file, storage.dtype, size, stride,
-                        storage.offset + storage_offset * ITEMSIZE[storage.dtype])
+                        storage.offset + storage_offset * ITEMSIZE[storage.dtype], storage.record)
 
 
 def _rebuild_parameter(data, *_ignored):
@@ -219,7 +236,8 @@ class _ZipStorages:
         if numel * ITEMSIZE[dtype] > info.file_size or offset + info.file_size > self.size:
             raise pickle.UnpicklingError(f"storage {key}: {numel} elements do not fit its "
                                          f"{info.file_size} bytes, or the file is cut short")
-        self.cache[key] = _Storage(self.path, dtype, offset, numel)
+        record = ZipRecord(self.path, info.filename, offset, info.file_size, info.CRC)
+        self.cache[key] = _Storage(self.path, dtype, offset, numel, record)
         return self.cache[key]
 
 

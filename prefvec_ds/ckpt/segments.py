@@ -33,12 +33,15 @@ _local = threading.local()      # per thread: scratch for non-fp32 inputs
 
 @dataclass(frozen=True)
 class Segment:
-    """Elements [start, start + count) of a flat tensor, stored at file[offset:] as `dtype`."""
+    """Elements [start, start + count) of a flat tensor, stored at file[offset:] as `dtype`;
+    `record`: the zip entry (safe_load.ZipRecord) holding those bytes, whose CRC-32 the
+    streaming reader verifies, or None (safetensors files have no checksum)."""
     start: int
     count: int
     dtype: str
     file: Path
     offset: int
+    record: object = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prefvec_ds.ckpt import crc
+from prefvec_ds.ckpt.crc import RecordCheck
 from prefvec_ds.ckpt.directio import ALIGN, DirectReader, aligned_buffer
 from prefvec_ds.ckpt.dtypes import ITEMSIZE, narrow_into, widen_into
 from prefvec_ds.ckpt.segments import check_finite, check_finite_narrow, chunked_dot, combine
@@ -70,6 +72,9 @@ class _Block:
     future: object = None
     view: np.ndarray | None = None   # the bytes, once read
     buf: np.ndarray | None = None
+    stream: tuple = ()
+    records: set = field(default_factory=set)   # zip records (CRC-checked) its pieces are in
+    checks: list = field(default_factory=list)  # crc.RecordCheck of each, set by run_plan
 
 
 @dataclass(frozen=True)
@@ -125,9 +130,12 @@ def plan_jobs(tensors: list[OutputTensor]) -> tuple[list[_Job], list[_Block]]:
                     block = streams.get((k, s, seg.file))
                     if block is None or not block.end <= offset <= block.end + _GAP \
                             or offset + nbytes - block.start > BLOCK_BYTES:
-                        block = streams[(k, s, seg.file)] = _Block(seg.file, offset, offset)
+                        block = streams[(k, s, seg.file)] = _Block(seg.file, offset, offset,
+                                                                   stream=(k, s, seg.file))
                         blocks.append(block)
                     block.end, block.refs = offset + nbytes, block.refs + 1
+                    if seg.record is not None:
+                        block.records.add(seg.record)
                     job.pieces[k].append(_Piece(block, offset - block.start, nbytes, seg.dtype))
     return jobs, blocks
 
@@ -165,6 +173,10 @@ class _ReadAhead:
     def _read(self, block: _Block) -> None:
         block.buf = self.pool.take()
         block.view = self.reader.read(block.file, block.start, block.end - block.start, block.buf)
+        for check in block.checks:  # CRC of the bytes just read, on this (reading) thread
+            rec = check.record
+            lo, hi = max(block.start, rec.start), min(block.end, rec.start + rec.size)
+            check.add(lo, block.view[lo - block.start:hi - block.start] if hi > lo else b"")
 
     def submit(self, upto: int = 0) -> None:
         """Submit reads until the first `upto` blocks are submitted and the read-ahead is full."""
@@ -222,14 +234,32 @@ def _compute(job: _Job, scratch: _Pool, norms: bool):
     return data, bufs, sq
 
 
+def attach_crc_checks(blocks: list[_Block]) -> int:
+    """Give each block the CRC checks of the zip records it reads (one check per record and
+    input stream: every byte of a record is then checksummed once per stream that reads it).
+    Returns the number of records checked."""
+    checks: dict[tuple, RecordCheck] = {}
+    for block in blocks:
+        for rec in block.records:
+            key = (block.stream, rec)
+            if key not in checks:
+                checks[key] = RecordCheck(rec, 0)
+            checks[key].expected += 1
+            block.checks.append(checks[key])
+    return len(checks)
+
+
 def run_plan(tensors: list[OutputTensor], writer, workers: int = 2, norms: bool = False,
              desc: str = "") -> float:
-    """Compute every tensor chunk by chunk and append it to `writer` in order.
+    """Compute every tensor chunk by chunk and append it to `writer` in order. Every zip
+    record read is CRC-checked (crc.py) unless PREFVEC_VERIFY_CRC=0.
 
     Returns the total squared L2 norm of the fp32 results (before any cast) when `norms`,
     summed in a fixed order (deterministic), else 0.0.
     """
     jobs, blocks = plan_jobs(tensors)
+    if crc.ENABLED:
+        attach_crc_checks(blocks)
     first_use = {id(b): i for i, b in enumerate(blocks)}
     # need[j]: how many blocks (in first-use order) must be submitted before job j may run
     need, most = [], 0

@@ -228,7 +228,8 @@ class Zero3Checkpoint(SegmentSource):
             if count == 0:
                 break  # the remaining ranks hold only padding for this parameter
             flat = self._flat[rank][slot.group]
-            segs.append(Segment(start, count, "F32", flat.file, flat.offset + slot.offset * 4))
+            segs.append(Segment(start, count, "F32", flat.file, flat.offset + slot.offset * 4,
+                                flat.record))
         return segs
 
     def _frozen_segments(self, name: str) -> list[Segment]:
@@ -248,7 +249,7 @@ class Zero3Checkpoint(SegmentSource):
                                    f"frozen_param_fragments[{name}]: expected a float tensor")
             count = min(frag.numel(), numel - pos)
             if count > 0:
-                segs.append(Segment(pos, count, frag.dtype, frag.file, frag.offset))
+                segs.append(Segment(pos, count, frag.dtype, frag.file, frag.offset, frag.record))
                 pos += count
         if pos != numel:
             raise PrefvecError(f"folder {self.tag_dir}: frozen parameter {name}: fragments hold "
