@@ -9,7 +9,9 @@ times and signal_seconds (see docs/pipeline.md).
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from prefvec_ds.config.checks import check as _check
 from prefvec_ds.config.evaluation import EvalConfig
@@ -103,6 +105,9 @@ def _default_merges() -> list[MergeConfig]:
     return [MergeConfig()]
 
 
+MergeDtype = Literal["fp32", "bf16", "fp16", "base"]
+
+
 @dataclass
 class PipelineConfig:
     """The whole DAG: which merged models to build and how to evaluate them."""
@@ -116,6 +121,11 @@ class PipelineConfig:
     """Resources and preemption settings for `prefvec submit`."""
     mora: MoraConfig = field(default_factory=MoraConfig)
     """MORA data synthesis (`prefvec mora`; a `mora` stage after SFT when `enabled`)."""
+    merge_dtype: MergeDtype = "fp32"
+    """dtype of the merged models the merge stages write: fp32 | bf16 | fp16 | base (the base
+    folder's dtype). fp32 by default: DPO moves weights by about the bf16 spacing, and a bf16
+    output rounds away much of eta * phi (measured by benchmarks/bf16_merge.py, figures in
+    docs/bf16_merge.md), while the sweep's in-place points are fp32."""
 
     def __post_init__(self):
         _check(isinstance(self.merges, list) and len(self.merges) > 0, "pipeline.merges",
@@ -128,6 +138,9 @@ class PipelineConfig:
                 merge = MergeConfig(**merge)
             _check(isinstance(merge, MergeConfig), f"pipeline.merges[{i}]", "{name, eta}", merge)
             merges.append(merge)
+        choices = typing.get_args(MergeDtype)
+        _check(self.merge_dtype in choices, "pipeline.merge_dtype", " | ".join(choices),
+               self.merge_dtype)
         names = [m.name for m in merges]
         _check(len(set(names)) == len(names), "pipeline.merges", "distinct names", names)
         self.merges = merges

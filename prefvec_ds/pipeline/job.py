@@ -103,9 +103,10 @@ def tool_command(cfg: RunConfig, stage: Stage) -> list[str]:
 
     eta = merge_etas(cfg)[stage.key]
     vectors = [f"{run / 'vectors' / p}={value:g}" for p, value in eta.items()]
+    dtype = [] if cfg.pipeline.merge_dtype == "base" else ["--dtype", cfg.pipeline.merge_dtype]
     return ["merge", "--base", str(base_model_dir(cfg, must_exist=False)),
             *[a for v in vectors for a in ("--vector", v)],
-            "--out", str(run / "merged" / stage.key), "--overwrite"]
+            "--out", str(run / "merged" / stage.key), *dtype, "--overwrite"]
 
 
 _EARLY_SIGNALS: list[int] = []

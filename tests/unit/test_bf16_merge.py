@@ -1,0 +1,49 @@
+"""The bf16 merge measurement (benchmarks/bf16_merge.py) and the merge dtype the pipeline uses
+because of it (review finding R9)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from prefvec_ds import PrefvecError
+from prefvec_ds.config.loader import load_config
+from prefvec_ds.pipeline.dag import build_dag
+from prefvec_ds.pipeline.job import tool_command
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("bf16_merge", REPO / "benchmarks" / "bf16_merge.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_half_spacing_of_bf16_at_typical_weights():
+    w = torch.tensor([1.0, 0.02, -0.02, 0.5])
+    # bf16 keeps 8 significant bits: spacing 2^-7 at 1, 2^-13 = 1.22e-4 at 0.02 (the review's)
+    assert bench.half_spacing_bf16(w).tolist() == [2 ** -8, 2 ** -14, 2 ** -14, 2 ** -9]
+
+
+def test_survival_of_changes_below_and_above_the_bf16_spacing():
+    base = {"w": torch.full((1000,), 0.02).to(torch.bfloat16).float()}
+    small = {"w": torch.full((1000,), 0.3 * 2 ** -13)}  # under half a bf16 step: rounded away
+    res = bench.survival(base, small, eta=1.0, scale=1.0)
+    assert res["bf16"]["kept"] == 0.0 and res["bf16"]["lost"] == 1.0
+    assert res["fp32"]["kept"] == pytest.approx(1.0, rel=1e-3)
+    assert res["fp32"]["rel_err"] < 1e-3
+    exact = {"w": torch.full((1000,), 2 * 2 ** -13)}  # two bf16 steps: kept exactly
+    res = bench.survival(base, exact, eta=-1.0, scale=1.0)
+    assert res["bf16"]["kept"] == pytest.approx(1.0) and res["bf16"]["lost"] == 0.0
+
+
+def test_pipeline_merges_write_fp32_by_default(tmp_path):
+    cfg = load_config(REPO / "recipes" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+    merge = next(s for s in build_dag(cfg) if s.kind == "merge")
+    argv = tool_command(cfg, merge)
+    assert argv[argv.index("--dtype") + 1] == "fp32"
+    base = load_config(REPO / "recipes" / "quickstart.yaml",
+                       [f"run_dir={tmp_path}", "pipeline.merge_dtype=base"])
+    assert "--dtype" not in tool_command(base, merge)
+    with pytest.raises(PrefvecError, match="pipeline.merge_dtype"):
+        load_config(REPO / "recipes" / "quickstart.yaml", ["pipeline.merge_dtype=int8"])
