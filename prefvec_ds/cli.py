@@ -13,7 +13,7 @@ import signal
 import sys
 
 from prefvec_ds import PrefvecError, __version__
-from prefvec_ds.atomic import Interrupted
+from prefvec_ds.atomic import Interrupted, signals_raise
 
 COMMAND_MODULES = [
     "prefvec_ds.train.commands",
@@ -57,7 +57,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
-        return int(args.func(args) or 0)
+        with signals_raise():  # SIGTERM/SIGHUP unwind like Ctrl-C: temporaries are removed
+            return int(args.func(args) or 0)
     except PrefvecError as err:
         print(f"prefvec: error: {err}", file=sys.stderr)
         return 2

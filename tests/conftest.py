@@ -29,5 +29,5 @@ def pytest_collection_modifyitems(items):
     """The folder is the tier: tests/unit -> unit, tests/dist -> dist, ..."""
     for item in items:
         tier = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
-        if tier in ("unit", "dist", "slurm", "e2e"):
+        if tier in ("unit", "dist", "slurm", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, tier))
