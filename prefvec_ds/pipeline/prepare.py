@@ -42,10 +42,24 @@ def validate(cfg: RunConfig) -> None:
         validate_mora(cfg)
     build_dag(cfg)  # checks pipeline.merges against data.preferences
     _check_run_dir(cfg)
+    validate_data(cfg)
     for merge in cfg.pipeline.merges:  # '.' and '..' pass the name pattern, but name no folder
         if merge.name in (".", ".."):
             raise PrefvecError(f"config parameter pipeline.merges[].name: expected a folder name "
                                f"(letters, digits, _ . -), got {merge.name!r}")
+
+
+def validate_data(cfg: RunConfig) -> None:
+    """Read every data source the stages will read (a missing column, an empty file, a bad
+    line): one error here, before a stage is launched or queued, not one per rank after it.
+    MORA pairs do not exist yet (a stage writes them) and are checked by that stage."""
+    from prefvec_ds.data.sources import load_preference, load_sft_examples  # noqa: PLC0415
+
+    if not cfg.model.base:
+        load_sft_examples(cfg.data)
+    for name, pref in cfg.data.preferences.items():
+        if pref.source != "mora":
+            load_preference(name, pref, cfg.data)
 
 
 def _check_run_dir(cfg: RunConfig) -> None:

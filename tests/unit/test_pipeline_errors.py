@@ -133,3 +133,15 @@ def test_load_config_rejects_a_list_with_overrides(tmp_path):
     cfg.write_text("[1, 2]\n")
     with pytest.raises(PrefvecError, match="found a list"):
         load_config(cfg, ["dpo.beta=0.1"])
+
+
+def test_run_reads_the_data_before_launching_anything(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n\n"
+                    + json.dumps({"prompt": "q", "rejected": "b"}) + "\n")
+    run = tmp_path / "run"
+    assert main(["run", str(RECIPE), f"run_dir={run}", NO_SEEDS,
+                 f"data.preferences.helpful={{source: jsonl, path: {data}}}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:3: missing column(s) chosen" in err and err.count("\n") == 1
+    assert not run.exists()
