@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt import crc
 from prefvec_ds.ckpt.segments import FDS
 from prefvec_ds.ckpt.sources import alias_groups, match_names, open_vector_arg
 
@@ -56,8 +57,12 @@ def apply_vectors(model, vectors: Mapping[object, float], sign: float = 1.0) -> 
                 raise PrefvecError(f"vector {vec.path}: parameter {vname}: shape "
                                    f"{list(vec.shape(vname))}, model has {list(param.shape)}")
         plans.append((vec, mapping, sign * float(eta)))
+    crc.TRACKER.clear()
     try:
         _apply_plans(target, plans)
+        # rank-file records (PLUS,MINUS pairs) are verified as read, joined here: a corrupt
+        # checkpoint is an error (the model is then changed: reload it)
+        crc.TRACKER.verify()
     finally:
         FDS.close()
 

@@ -9,6 +9,9 @@ are joined with crc32_combine (no second pass over the data), and only the skipp
 is in, the joined CRC must equal the stored one, else the read fails naming file and record:
 finite garbage in a partition is an error, not a wrong vector.
 
+The synchronous readers (segments.accumulate: vector-stats, apply_vectors) checksum each chunk as
+they read it into TRACKER, and verify every record they touched at the end (TRACKER.verify).
+
 PREFVEC_VERIFY_CRC=0 turns the check off (trusted inputs; the benchmark measures its cost).
 """
 
@@ -110,3 +113,34 @@ class RecordCheck:
                 crc = zlib.crc32(data, crc)
                 start += len(data)
         return crc
+
+
+class ReadTracker:
+    """CRC pieces of the records read by the synchronous readers, verified together at the end
+    (there is no plan telling when a record's last piece is in)."""
+
+    def __init__(self):
+        self._checks: dict = {}
+        self._lock = threading.Lock()
+
+    def add(self, record, start: int, data) -> None:
+        piece = (start, start + len(data), zlib.crc32(data))
+        with self._lock:
+            check = self._checks.get(record)
+            if check is None:
+                check = self._checks[record] = RecordCheck(record, 0)
+            check.pieces.append(piece)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._checks = {}
+
+    def verify(self) -> None:
+        """Verify (and forget) every record read since the last verify or clear."""
+        with self._lock:
+            checks, self._checks = list(self._checks.values()), {}
+        for check in checks:
+            check.verify()
+
+
+TRACKER = ReadTracker()

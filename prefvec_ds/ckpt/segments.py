@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt import crc
 from prefvec_ds.ckpt.directio import pread_exact
 from prefvec_ds.ckpt.dtypes import FLOAT_CODES, ITEMSIZE, widen_into
 
@@ -108,9 +109,13 @@ def read_side(segments, lo: int, hi: int, out: np.ndarray) -> None:
         offset = seg.offset + (a - seg.start) * size
         if seg.dtype == "F32":
             pread_into(seg.file, offset, dst)
+            if seg.record is not None and crc.ENABLED:  # before combine changes the bytes
+                crc.TRACKER.add(seg.record, offset, memoryview(dst).cast("B"))
         elif seg.dtype in FLOAT_CODES:
             raw = _scratch((b - a) * size)
             pread_into(seg.file, offset, raw)
+            if seg.record is not None and crc.ENABLED:
+                crc.TRACKER.add(seg.record, offset, raw)
             widen_into(raw, seg.dtype, dst)
         else:
             raise PrefvecError(f"file {seg.file}: {seg.dtype} values where floats were expected")

@@ -15,6 +15,7 @@ from collections import OrderedDict
 import numpy as np
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt import crc
 from prefvec_ds.ckpt.segments import FDS, chunked_dot
 from prefvec_ds.ckpt.sources import alias_groups, match_names, open_vector_arg
 
@@ -43,8 +44,10 @@ def vector_stats(paths: list[str]) -> dict:
             if tuple(first.shape(name)) != tuple(v.shape(other)):
                 raise PrefvecError(f"vector {v.path}: parameter {other}: shape "
                                    f"{list(v.shape(other))}, expected {list(first.shape(name))}")
+    crc.TRACKER.clear()
     try:
         dots, layers = _accumulate_dots(vecs, maps)
+        crc.TRACKER.verify()  # every rank-file record read (PLUS,MINUS pairs) was intact
     finally:
         FDS.close()
     k = len(vecs)

@@ -90,3 +90,30 @@ def test_crc_check_can_be_turned_off_for_trusted_inputs(pair, tmp_path):
                            str(pair[0]), "--minus", str(pair[1]), "--out", str(tmp_path / "v")],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_vector_stats_and_apply_verify_the_records_they_read(pair, capsys):
+    import torch
+
+    from prefvec_ds.ckpt import apply_vectors
+    from prefvec_ds import PrefvecError
+
+    vec = f"{pair[0]},{pair[1]}"
+    assert main(["vector-stats", vec]) == 0
+    seg = Zero3Checkpoint(pair[1]).segments("embed.weight")[1]
+    _poke(seg.file, seg.offset + 4, -0.25)
+    assert main(["vector-stats", vec]) == 2
+    err = capsys.readouterr().err
+    assert f"file {seg.file}" in err and "CRC-32" in err
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, t in pico_state_dict(0, tiny=True).items():
+                self.register_parameter(name.replace(".", "_"), torch.nn.Parameter(t.clone()))
+
+        def named_parameters(self, *a, **k):
+            return [(n.replace("_", ".", n.count("_")), p) for n, p in super().named_parameters()]
+
+    with pytest.raises(PrefvecError, match="CRC-32"):
+        apply_vectors(Tiny(), {vec: 0.5})
