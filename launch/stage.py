@@ -5,9 +5,7 @@
     mpirun -np 2 python launch/stage.py ref-logps recipes/quickstart.yaml --preference helpful
 """
 
-import sys
-
-from prefvec_ds.entry import main
+from prefvec_ds.entry import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
@@ -58,5 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The rank's whole process: `main`, then `exit_process` (no interpreter teardown while the
+    process group's threads still run). The training loop's requeue exit comes as SystemExit."""
+    from prefvec_ds.dist.engine import exit_process  # noqa: PLC0415
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

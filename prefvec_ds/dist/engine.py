@@ -10,13 +10,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from prefvec_ds.dist import env as dist_env
 
 COMPLETE_MARKER = "prefvec_complete.json"
+_STARTED = {"group": False}  # did this process start a process group (see exit_process)
 
 
 def init(seed: int) -> dist_env.RankInfo:
@@ -34,6 +37,7 @@ def init(seed: int) -> dist_env.RankInfo:
     else:
         torch.cuda.set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend=dist_env.backend(), auto_mpi_discovery=False)
+    _STARTED["group"] = True
     if dist_env.accelerator_is_cpu():
         import torch.distributed as dist  # noqa: PLC0415
 
@@ -44,12 +48,32 @@ def init(seed: int) -> dist_env.RankInfo:
 
 
 def shutdown() -> None:
-    """barrier + destroy: a clean exit (2-rank gloo jobs otherwise may abort at teardown)."""
+    """barrier + destroy; a rank's process then ends with `exit_process`."""
     import torch.distributed as dist  # noqa: PLC0415
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a rank's process with `code`, without interpreter teardown once it ran a group.
+
+    Measured under mpirun (ref-logps, 2 ranks, gloo): after `destroy_process_group` every rank
+    still runs 4 `pt_gloo_runloop` and 2 `gloo_tcp_loop` threads, and rank 0 TCPStore's
+    `pt_tcpstore_uv`: DeepSpeed's globals (`deepspeed.utils.groups._WORLD_GROUP`, the
+    `deepspeed.comm` backend) and the ZeRO parameters still hold the groups, and clearing those
+    two globals did not stop the threads. Interpreter teardown then destroys these objects in
+    arbitrary order while their threads run; a rank occasionally aborted after a clean result
+    ("terminate called without an active exception", signal 6, mpirun exit 134). Past the final
+    barrier nothing is left to do, so the process ends here, its output flushed, and no
+    destructor races a live thread. A process that never started a group exits normally.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _STARTED["group"]:
+        os._exit(code)
+    sys.exit(code)
 
 
 def rank() -> int:

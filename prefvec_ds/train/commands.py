@@ -115,9 +115,9 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = validate(args)
     launcher = args.launcher or ("none" if inside_launch() else cfg.distributed.launcher)
     if launcher == "none":
-        from prefvec_ds.entry import main as entry_main  # noqa: PLC0415
+        from prefvec_ds.entry import run  # noqa: PLC0415
 
-        return entry_main(entry_args(args))
+        run(entry_args(args))  # this process is the rank: it ends there
     cmd = launcher_command(launcher, args.nproc or cfg.distributed.nproc_per_node,
                            entry_args(args))
     try:
