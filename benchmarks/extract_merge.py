@@ -236,22 +236,37 @@ def ours(models: Path, work: Path, workers: int, env: dict | None = None
 def crc_cost(models: Path, work: Path, workers: int, repeats: int) -> dict:
     """(b) with the CRC-32 check of every record read (the default) and without it
     (PREFVEC_VERIFY_CRC=0), runs interleaved so that load on the machine hits both alike."""
+    import resource
+
+    def timed(env=None) -> tuple[float, float]:
+        """(wall s, CPU s user+system of the merge): CPU is the steadier figure on a busy
+        machine, since the check is pure CPU work."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall = ours(models, work, workers, env)[0]
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
     on, off = [], []
     for _ in range(repeats):
-        on.append(ours(models, work, workers)[0])
-        off.append(ours(models, work, workers, {"PREFVEC_VERIFY_CRC": "0"})[0])
+        on.append(timed())
+        off.append(timed({"PREFVEC_VERIFY_CRC": "0"}))
     sys.path.insert(0, str(HERE.parents[1]))
+    from prefvec_ds.ckpt import crc
     from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
 
     checked = sum(f.stat().st_size for label in ("plus", "minus")
                   for f in Zero3Checkpoint(models / label).optim_files)
-    t_on, t_off = statistics.median(on), statistics.median(off)
-    print(f"CRC-32 check: (b) median of {repeats}: {t_on:.2f} s with it, {t_off:.2f} s without "
-          f"(PREFVEC_VERIFY_CRC=0): cost {100 * (t_on / t_off - 1):+.1f}% "
-          f"(runs with: {', '.join(f'{t:.2f}' for t in on)}; without: "
-          f"{', '.join(f'{t:.2f}' for t in off)}; rank files {checked / 1e9:.2f} GB)")
-    return {"crc_on_s": t_on, "crc_off_s": t_off, "crc_cost": t_on / t_off - 1,
-            "crc_on_runs": on, "crc_off_runs": off}
+    t_on, t_off = (statistics.median(r[0] for r in runs) for runs in (on, off))
+    c_on, c_off = (statistics.median(r[1] for r in runs) for runs in (on, off))
+    impl = f"{crc._crc32.__module__ or 'zlib'}.crc32"
+    print(f"CRC-32 check ({impl}): (b) median of {repeats}: wall {t_on:.2f} s with it, "
+          f"{t_off:.2f} s without (PREFVEC_VERIFY_CRC=0): {100 * (t_on / t_off - 1):+.1f}%; "
+          f"CPU {c_on:.2f} s vs {c_off:.2f} s: {100 * (c_on / c_off - 1):+.1f}% "
+          f"(wall with: {', '.join(f'{t:.2f}' for t, _ in on)}; without: "
+          f"{', '.join(f'{t:.2f}' for t, _ in off)}; rank files {checked / 1e9:.2f} GB)")
+    return {"crc_impl": impl, "crc_on_s": t_on, "crc_off_s": t_off,
+            "crc_cost": t_on / t_off - 1, "crc_cpu_on_s": c_on, "crc_cpu_off_s": c_off,
+            "crc_cpu_cost": c_on / c_off - 1, "crc_on_runs": on, "crc_off_runs": off}
 
 
 def bytes_moved(models: Path, out: Path) -> tuple[int, int]:

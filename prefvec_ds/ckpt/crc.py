@@ -24,6 +24,10 @@ import zlib
 from prefvec_ds import PrefvecError
 
 ENABLED = os.environ.get("PREFVEC_VERIFY_CRC", "1") != "0"
+try:  # ISA-L's carry-less-multiply CRC: ~39 GB/s here against zlib's ~2-4 GB/s, so the check
+    from isal.isal_zlib import crc32 as _crc32  # costs the merge a few percent, not +61%
+except ImportError:  # same values, slower
+    _crc32 = zlib.crc32
 _GAP_CHUNK = 8 << 20
 
 
@@ -76,7 +80,7 @@ class RecordCheck:
 
     def add(self, start: int, data) -> None:
         """Add the bytes `data` read at absolute offset `start`; the last piece verifies."""
-        piece = (start, start + len(data), zlib.crc32(data))
+        piece = (start, start + len(data), _crc32(data))
         with self._lock:
             self.pieces.append(piece)
             last = len(self.pieces) == self.expected
@@ -110,7 +114,7 @@ class RecordCheck:
                 if not data:
                     raise PrefvecError(f"file {self.record.file}: unexpected end of file at "
                                        f"byte {start} (record {self.record.name})")
-                crc = zlib.crc32(data, crc)
+                crc = _crc32(data, crc)
                 start += len(data)
         return crc
 
@@ -124,7 +128,7 @@ class ReadTracker:
         self._lock = threading.Lock()
 
     def add(self, record, start: int, data) -> None:
-        piece = (start, start + len(data), zlib.crc32(data))
+        piece = (start, start + len(data), _crc32(data))
         with self._lock:
             check = self._checks.get(record)
             if check is None:
