@@ -98,8 +98,8 @@ class Interrupted(BaseException):
 @contextlib.contextmanager
 def signals_raise(signums=(signal.SIGTERM, signal.SIGHUP)):
     """Inside the block, the given signals raise Interrupted in the main thread (outside it,
-    their previous handlers are back). Only the main thread can install handlers: elsewhere
-    this does nothing."""
+    their previous handlers are back). A signal that is ignored (`nohup` ignores SIGHUP) stays
+    ignored. Only the main thread can install handlers: elsewhere this does nothing."""
     def _raise(signum, _frame):
         raise Interrupted(signum)
 
@@ -107,6 +107,8 @@ def signals_raise(signums=(signal.SIGTERM, signal.SIGHUP)):
     try:
         for sig in signums:
             try:
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 old[sig] = signal.signal(sig, _raise)
             except ValueError:  # not the main thread
                 break
