@@ -14,6 +14,7 @@ import time
 import pytest
 
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
+from tests.conftest import REPO
 from tests.faults.conftest import (big_inputs, leftovers, merge_args, mount,  # noqa: F401
                                    prefvec, remount_read_only, start)
 
@@ -141,3 +142,25 @@ def test_symlinked_outputs_and_inputs(big_inputs, tmp_path):  # noqa: F811
                             big_inputs["minus"], "--out", big_inputs["plus"] / "global_step1",
                             "--overwrite"), "the input --plus")
     assert (big_inputs["plus"] / "latest").is_file()
+
+
+def test_a_real_zero2_checkpoint_is_named(tmp_path, big_inputs):  # noqa: F811
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1"}
+    build = subprocess.run([sys.executable, "-m", "tests.faults.zero2_build", tmp_path / "z2"],
+                           env=env, capture_output=True, text=True, timeout=300,
+                           cwd=REPO)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert (tmp_path / "z2" / "global_step1" / "mp_rank_00_model_states.pt").is_file()
+    for folder in (tmp_path / "z2", tmp_path / "z2" / "global_step1"):
+        _one_line_error(prefvec("vector", "--plus", folder, "--minus", big_inputs["minus"],
+                                "--out", tmp_path / "v"),
+                        "ZeRO stage 2 checkpoint", "only ZeRO-3 is supported")
