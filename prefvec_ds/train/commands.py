@@ -47,8 +47,15 @@ def run_train_preference_model(args: argparse.Namespace) -> int:
     """One process, plain PyTorch (see prefvec_ds.train.rm for why not DeepSpeed)."""
     from prefvec_ds.train.rm import load_rm_config, train_preference_model  # noqa: PLC0415
 
+    from pathlib import Path  # noqa: PLC0415
+
+    from prefvec_ds.ckpt.writer import check_output_target  # noqa: PLC0415
+
     kind = "reward" if args.stage == "rm" else "cost"
-    train_preference_model(load_rm_config(args.config, args.overrides, kind), args.overwrite)
+    cfg = load_rm_config(args.config, args.overrides, kind)
+    # before minutes of training: --overwrite replaces only a folder prefvec wrote
+    check_output_target(Path(cfg.out_dir), overwrite=args.overwrite, param="out_dir")
+    train_preference_model(cfg, args.overwrite)
     return 0
 
 
@@ -144,7 +151,10 @@ def run_convert_gguf(args: argparse.Namespace) -> int:
 
     from prefvec_ds.models.gguf import convert_gguf, find_gguf  # noqa: PLC0415
 
+    from prefvec_ds.ckpt.writer import check_output_target  # noqa: PLC0415
+
     gguf = find_gguf(args.package) if args.package else Path(args.gguf)
+    check_output_target(Path(args.out), [("--gguf", gguf)], args.overwrite, "--out")
     out = convert_gguf(gguf, Path(args.out), args.overwrite)
     print(f"wrote {out}")
     return 0

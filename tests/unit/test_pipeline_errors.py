@@ -145,3 +145,22 @@ def test_run_reads_the_data_before_launching_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{data}:3: missing column(s) chosen" in err and err.count("\n") == 1
     assert not run.exists()
+
+
+def test_train_rm_and_convert_refuse_a_foreign_out_before_any_work(tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "notes.txt").write_text("mine")
+    started = time.time()
+    recipe = REPO / "recipes" / "scorers" / "rm-minilm.yaml"
+    assert main(["train", "rm", str(recipe), f"out_dir={thesis}", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {thesis}" in err and "not written by prefvec" in err
+    assert time.time() - started < 20
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert main(["convert-gguf", "--gguf", str(gguf), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "contains the input --gguf" in capsys.readouterr().err
+    assert main(["convert-gguf", "--gguf", str(gguf), "--out", str(thesis), "--overwrite"]) == 2
+    assert "not written by prefvec" in capsys.readouterr().err
+    assert (thesis / "notes.txt").read_text() == "mine" and gguf.exists()
