@@ -164,3 +164,21 @@ def test_train_rm_and_convert_refuse_a_foreign_out_before_any_work(tmp_path, cap
     assert main(["convert-gguf", "--gguf", str(gguf), "--out", str(thesis), "--overwrite"]) == 2
     assert "not written by prefvec" in capsys.readouterr().err
     assert (thesis / "notes.txt").read_text() == "mine" and gguf.exists()
+
+
+def test_train_finds_an_overlong_prompt_in_the_driver(tmp_path, capsys):
+    from prefvec_ds.models.embedded import materialize_embedded_model
+
+    base = materialize_embedded_model("tiny-llama", tmp_path / "base", 0)
+    capsys.readouterr()  # its progress bar
+    data = tmp_path / "pairs.jsonl"
+    short = {"prompt": "what is 1 plus 2 ?", "chosen": "it is 3 .", "rejected": "it is 4 ."}
+    long = {**short, "prompt": "what is 1 plus 2 ? " * 40}
+    data.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
+    started = time.time()
+    assert main(["train", "dpo", str(RECIPE), f"run_dir={tmp_path / 'run'}", f"model.base={base}",
+                 f"data.preferences.helpful={{source: jsonl, path: {data}}}", "data.max_len=64",
+                 "--direction", "helpful-", "--launcher", "deepspeed"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2: prompt has" in err and "data.max_len=64" in err and err.count("\n") == 1
+    assert time.time() - started < 60 and not (tmp_path / "run" / "dpo").exists()
