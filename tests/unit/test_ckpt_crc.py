@@ -12,7 +12,6 @@ import pytest
 
 from prefvec_ds.ckpt.crc import crc32_combine
 from prefvec_ds.ckpt.stream import attach_crc_checks, plan_jobs
-from prefvec_ds.ckpt.vector import compute_vector  # noqa: F401  (the path under test)
 from prefvec_ds.ckpt.sources import DiffSource, open_source
 from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
 from prefvec_ds.cli import main
