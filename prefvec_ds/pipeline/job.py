@@ -32,6 +32,7 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import link_atomic
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.dist.env import timeout_env  # stdlib only: no torch import here
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import (SEED_MARK, Stage, build_dag, groups, merge_etas,
                                      output_dir, seed_run_dir, split_seed, stage_by_name)
@@ -142,18 +143,14 @@ def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | No
     if launcher == "srun":
         # the sbatch script already exported DS_ACCELERATOR and TORCH_EXTENSIONS_DIR; skipping
         # stage_env spares this process the torch import (~4 CPU-s per job)
-        from prefvec_ds.dist.env import timeout_env  # noqa: PLC0415
-
-        env = {**os.environ, "PYTHONUNBUFFERED": "1",
-               **timeout_env(cfg.distributed.timeout_minutes)}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     else:
         from prefvec_ds.dist.launch import stage_env  # noqa: PLC0415
 
         # torchrun honours CUDA_VISIBLE_DEVICES; for deepspeed the --include above does the job
         # (devices are physical ids: pipeline.local.device_slots maps them)
-        env = stage_env(devices=devices if launcher == "torchrun" else None,
-                        timeout_minutes=cfg.distributed.timeout_minutes)
-        env.update(timeout_env(cfg.distributed.timeout_minutes))  # the config's value wins
+        env = stage_env(devices=devices if launcher == "torchrun" else None)
+    env.update(timeout_env(cfg.distributed.timeout_minutes))  # collective timeout of the ranks
     try:
         proc = subprocess.Popen(cmd, env=env)
     except FileNotFoundError:

@@ -49,3 +49,24 @@ def test_every_rank_resumes_from_rank0s_tag(tmp_path):
     got = [json.loads((tmp_path / f"out{r}.json").read_text()) for r in (0, 1)]
     assert [g["own"] for g in got] == ["global_step20", "global_step30"]  # the views differ
     assert [g["agreed"] for g in got] == ["global_step20", "global_step20"]
+
+
+CHECKS = ("versions", "collectives", "fused_adam", "sft", "ref_logps", "dpo", "extract", "merge",
+          "memprobe", "sweep")
+
+
+def test_device_check_dry_run_passes_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: every CPU-possible check of the device check runs for
+    real (bf16 ZeRO-3 config, gradient checkpointing, 1 rank) and passes."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run",
+                           "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("CHECK ")]
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    states = {x.split()[1]: x.split()[2] for x in lines}
+    assert list(states) == list(CHECKS), lines
+    assert states["fused_adam"] == "SKIP" and all(
+        s == "PASS" for n, s in states.items() if n != "fused_adam"), lines
+    extract = next(x for x in lines if x.startswith("CHECK extract"))
+    assert "max |ours - DeepSpeed gather|" in extract
