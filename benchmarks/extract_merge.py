@@ -318,7 +318,17 @@ def main() -> None:
     ap.add_argument("--only-ours", action="store_true", help="skip the conventional route")
     ap.add_argument("--crc-cost", action="store_true",
                     help="also time (b) with and without the CRC-32 check (issue 14: <= 10%%)")
+    ap.add_argument("--results", type=Path, default=None, metavar="FILE",
+                    help="also write the printed figures, with date and versions, to FILE "
+                         "(e.g. docs/results/extract_merge.md)")
     args = ap.parse_args()
+    from results_page import recording  # noqa: PLC0415 - benchmarks/ is on sys.path
+
+    with recording(args.results, "Extractor and merger benchmark"):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     models = build(args.workdir, args.layers)
     work = args.workdir / f"out_L{args.layers}"
