@@ -8,8 +8,8 @@ bf16 can round away much of eta * phi. For each eta (and each scale s of phi, to
 longer run's larger phi would keep) this measures, over every tensor of the vector(s):
   d = round(base + s * eta * phi) - round(base)   (the change the rounded merged model carries)
   e = s * eta * phi                              (the change asked for, fp32)
-  kept     = <d, e> / |e|^2                      (share of eta * phi that survives)
-  rel_err  = |d - e| / |e|                       (relative error of the change)
+  kept     = d.e / e.e                           (share of eta * phi along e that survives)
+  rel_err  = norm(d - e) / norm(e)               (relative error of the change)
   lost     = share of elements with e != 0 and d == 0 (the change rounded away entirely)
 for round = bf16, fp16 and fp32 outputs, plus the median |phi| and the median half-spacing of
 bf16 at the base weights. With --config, the held-out log-prob margins of the config's
@@ -130,6 +130,10 @@ def main(argv=None) -> int:
                     help="phi multipliers: what a longer run's larger phi would keep")
     ap.add_argument("--config", help="run config whose held-out pairs give the margins")
     ap.add_argument("--pairs", type=int, default=64, help="held-out pairs per preference")
+    ap.add_argument("--eval-fraction", type=float, default=None,
+                    help="override every preference's eval_fraction for the margins (more "
+                         "pairs; they may include pairs DPO trained on, which is fine for "
+                         "comparing the fp32 and bf16 versions of one merge)")
     ap.add_argument("--markdown", type=Path, help="write the report here")
     ap.add_argument("--note", default="", help="a line on where the vectors came from")
     args = ap.parse_args(argv)
@@ -157,7 +161,7 @@ def main(argv=None) -> int:
                   f"median |phi| = {mag['median_abs_phi']:.3g}; median bf16 half-spacing at the "
                   f"base weights = {mag['median_half_spacing']:.3g}; elements with |phi| below "
                   f"it: {100 * mag['share_phi_below_half_spacing']:.1f}%", ""]
-        rows = [["scale s", "eta", "output", "kept <d,e>/|e|^2", "rel. error |d-e|/|e|",
+        rows = [["scale s", "eta", "output", "kept: d.e / e.e", "rel. error: norm(d-e) / norm(e)",
                  "elements rounded away"]]
         for s in scales:
             for eta in etas:
@@ -175,6 +179,9 @@ def main(argv=None) -> int:
         from prefvec_ds.train.stage import load_tokenizer
 
         cfg = load_config(args.config)
+        if args.eval_fraction is not None:
+            for pref in cfg.data.preferences.values():
+                pref.eval_fraction = args.eval_fraction
         tok = load_tokenizer(args.base)
         sets = held_out_pairs(cfg, tok, args.pairs)
         model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
@@ -190,8 +197,10 @@ def main(argv=None) -> int:
                 rows.append([f"{eta:g}", p, f"{m32[p]:.4f}", f"{m16[p]:.4f}",
                              f"{100 * kept:.0f}%"])
         n = ", ".join(f"{s.preference}: {len(s.pairs)}" for s in sets)
-        lines += ["", "## Held-out margins (what the sweep reports)", "",
-                  f"Mean log p(chosen) - log p(rejected) over held-out pairs ({n}), computed in "
+        split = (f"eval_fraction {args.eval_fraction:g}: may include pairs DPO trained on"
+                 if args.eval_fraction is not None else "the config's held-out split")
+        lines += ["", "## Preference margins (what the sweep reports)", "",
+                  f"Mean log p(chosen) - log p(rejected) over pairs ({n}; {split}), computed in "
                   f"fp32; theta_base: " + ", ".join(f"{p} {v:.4f}" for p, v in base_m.items())
                   + ". 'shift kept' = (bf16 margin - base) / (fp32 margin - base).", "",
                   table(rows)]
