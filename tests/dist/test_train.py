@@ -74,7 +74,8 @@ def test_missing_columns_fail_with_file_and_row(sft_run, tmp_path):
         "model": {"base": str(run / "sft" / "model")},
         "data": {"preferences": {"custom": {"source": "jsonl", "path": str(bad)}}}})
     proc = prefvec("train", "dpo", str(cfg), "--direction", "custom+", check=False)
-    assert proc.returncode != 0
-    assert "bad.jsonl:0: missing column(s) rejected" in proc.stdout + proc.stderr
+    # the real 1-based line, found in the driver before any rank starts: one line, exit 2
+    assert proc.returncode == 2
+    assert "bad.jsonl:1: missing column(s) rejected" in proc.stdout + proc.stderr
     assert not (tmp_path / "badrun" / "dpo").exists()
     assert not (tmp_path / "badrun" / "ref_logps").exists()
