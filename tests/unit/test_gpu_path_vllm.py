@@ -85,3 +85,67 @@ def test_mora_engine_context_defaults_to_the_data_budget():
                         ["pipeline.mora.vllm.max_model_len=999"])
     assert ChunkWorker._sampler_config(
         SimpleNamespace(mora=fixed.pipeline.mora, cfg=fixed)).vllm.max_model_len == 999
+
+
+class _RecordingVllm:
+    """vLLM is not installed here: a module with its API surface (LLM, SamplingParams, the
+    parallel-state teardown) that records the order of calls. It checks the contract of our
+    engine handling (C4), not vLLM."""
+
+    def __init__(self, events: list):
+        import types
+
+        rec = self
+
+        class Core:
+            def shutdown(self):
+                events.append("engine_core.shutdown")
+
+        class LLM:
+            def __init__(self, **kwargs):
+                events.append("LLM")
+                rec.kwargs = kwargs
+                self.llm_engine = types.SimpleNamespace(engine_core=Core())
+
+            def generate(self, prompts, params, use_tqdm=True):
+                events.append("generate")
+                rec.prompts = prompts
+                out = types.SimpleNamespace(text=" ok ")
+                return [types.SimpleNamespace(outputs=[out] * params["n"]) for _ in prompts]
+
+        self.vllm = types.ModuleType("vllm")
+        self.vllm.LLM, self.vllm.SamplingParams = LLM, lambda **kw: kw
+        self.state = types.ModuleType("vllm.distributed.parallel_state")
+        self.state.destroy_model_parallel = lambda: events.append("destroy_model_parallel")
+        self.state.destroy_distributed_environment = lambda: events.append("destroy_distributed")
+
+
+def test_vllm_engine_starts_on_freed_memory_and_is_shut_down(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from prefvec_ds.eval import generate as gen
+    from prefvec_ds.models.embedded import materialize_embedded_model
+
+    folder = materialize_embedded_model("tiny-llama", tmp_path / "m", seed=0)
+    events: list = []
+    fake = _RecordingVllm(events)
+    monkeypatch.setitem(sys.modules, "vllm", fake.vllm)
+    monkeypatch.setitem(sys.modules, "vllm.distributed", types.ModuleType("vllm.distributed"))
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", fake.state)
+    monkeypatch.setattr(gen, "free_accelerator_memory", lambda: events.append("free"))
+    spec = GenerationSpec(max_new_tokens=8, vllm=VllmOptions(gpu_memory_utilization=0.5))
+    prompts = [[("user", "how do I bake bread")]]
+    assert gen.generate_vllm(folder, prompts, spec) == [["ok"]]
+    assert events == ["free", "LLM", "generate", "engine_core.shutdown",
+                      "destroy_model_parallel", "destroy_distributed", "free"]
+    assert fake.kwargs["gpu_memory_utilization"] == 0.5
+    n_prompt = len(fake.prompts[0]["prompt_token_ids"])
+    assert fake.kwargs["max_model_len"] == n_prompt + 8
+    # an error inside the engine still shuts it down
+    events.clear()
+    monkeypatch.setattr(fake.vllm.LLM, "generate", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        gen.generate_vllm(folder, prompts, spec)
+    assert events[-4:] == ["engine_core.shutdown", "destroy_model_parallel",
+                           "destroy_distributed", "free"]
