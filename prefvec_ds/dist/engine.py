@@ -35,7 +35,10 @@ def init(seed: int) -> dist_env.RankInfo:
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     else:
-        torch.cuda.set_device(info.local_rank)
+        # local_rank % visible GPUs: a site that binds one GPU per task (--gpu-bind, per-task
+        # --gpus) shows each rank one device, and set_device(LOCAL_RANK) would be invalid
+        torch.cuda.set_device(dist_env.cuda_device_index(info.local_rank,
+                                                         torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend=dist_env.backend(), auto_mpi_discovery=False)
     _STARTED["group"] = True
     if dist_env.accelerator_is_cpu():

@@ -176,7 +176,8 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage(
             f"merge/{name}", "merge", name, deps, (f"merged/{name}",),
             f"merged/{name}/config.json",
-            _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype)))
+            _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype,
+                   merge_dtype=cfg.pipeline.merge_dtype)))  # the output dtype redoes the merge
     p = cfg.pipeline
     # the sweep reads theta_base and every vector itself; the merged folders are scored too
     deps = (base_dep + tuple(f"vectors/{k}" for k in vector_keys)

@@ -128,7 +128,8 @@ def run_train(args: argparse.Namespace) -> int:
     cmd = launcher_command(launcher, args.nproc or cfg.distributed.nproc_per_node,
                            entry_args(args))
     try:
-        return subprocess.run(cmd, env=stage_env()).returncode
+        env = stage_env(timeout_minutes=cfg.distributed.timeout_minutes)
+        return subprocess.run(cmd, env=env).returncode
     except FileNotFoundError:
         raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH (install deepspeed, or "
                            "pass --launcher torchrun)") from None

@@ -170,3 +170,13 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     assert main(["run", str(RECIPE), f"run_dir={tmp_path / 'r'}",
                  "pipeline.merges=[{name: x, eta: {honest: 1}}]"]) == 2
     assert "unknown preference(s) honest" in capsys.readouterr().err
+
+
+def test_a_new_merge_output_dtype_redoes_only_the_merges_and_eval(tmp_path):
+    stages = build_dag(cfg_for(tmp_path))
+    finish_all(tmp_path, stages)
+    changed = build_dag(cfg_for(tmp_path, "pipeline.merge_dtype=bf16"))
+    todo = manifest.plan(tmp_path, changed)
+    merges = {s.name for s in changed if s.kind == "merge"}
+    assert merges and set(todo) == downstream(changed, merges)
+    assert all(todo[n] == "inputs changed" for n in merges)
