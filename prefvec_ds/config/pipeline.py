@@ -76,7 +76,14 @@ class SlurmConfig:
     srun_args: list[str] = field(default_factory=list)
     """Extra `srun` options for the ranks, e.g. `--mpi=pmix` or `--cpu-bind=none`."""
     extra_sbatch: list[str] = field(default_factory=list)
-    """More `#SBATCH` options verbatim, e.g. `--exclusive`, `--constraint=h100`."""
+    """More `#SBATCH` options verbatim for every job, e.g. `--constraint=h100`."""
+    training_sbatch: list[str] = field(default_factory=list)
+    """More `#SBATCH` options for the multi-rank stages only (sft, ref_logps, dpo, mora), e.g.
+    `--exclusive`: the eval job uses one GPU and vectors/merge none, and should not hold a
+    whole node."""
+    cpu_partition: str = ""
+    """`--partition` of the jobs that use no GPU (vectors, merge): GPU partitions often refuse
+    or waste them. Empty: `partition`."""
 
     def __post_init__(self):
         unknown = sorted(set(self.time) - set(STAGE_KINDS))

@@ -72,8 +72,10 @@ def group_spec(cfg: RunConfig, kind: str, members: list[Stage], indices: list[in
         cpus_per_task=s.cpus_per_task, time=s.time[kind],
         signal_seconds=min(s.signal_seconds, max(slurm._time_limit_seconds(s.time[kind]) - 1, 0)),
         array=array, launcher="direct", env={"PYTHONPATH": pythonpath},
-        partition=s.partition or None, account=s.account or None,
-        extra_sbatch=tuple(extra + s.extra_sbatch), after_ok=tuple(after))
+        partition=(s.cpu_partition if not gpus and s.cpu_partition else s.partition) or None,
+        account=s.account or None,
+        extra_sbatch=tuple(extra + s.extra_sbatch + (s.training_sbatch if distributed else [])),
+        after_ok=tuple(after))
 
 
 def check_no_active_jobs(run_dir: Path) -> None:

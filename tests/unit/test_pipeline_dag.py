@@ -180,3 +180,17 @@ def test_a_new_merge_output_dtype_redoes_only_the_merges_and_eval(tmp_path):
     merges = {s.name for s in changed if s.kind == "merge"}
     assert merges and set(todo) == downstream(changed, merges)
     assert all(todo[n] == "inputs changed" for n in merges)
+
+
+def test_whole_nodes_and_gpu_partitions_only_for_the_jobs_that_use_them(tmp_path):
+    cfg = cfg_for(tmp_path, "pipeline.slurm.gpus_per_node=8", "pipeline.slurm.partition=h100",
+                  "pipeline.slurm.cpu_partition=cpu", "pipeline.slurm.training_sbatch=[--exclusive]",
+                  "pipeline.slurm.extra_sbatch=[--constraint=ib]")
+    by_kind = dict(groups(build_dag(cfg)))
+    specs = {kind: group_spec(cfg, kind, by_kind[kind], [0], []) for kind in
+             ("dpo", "eval", "merge", "vectors")}
+    assert "--exclusive" in specs["dpo"].extra_sbatch and specs["dpo"].partition == "h100"
+    assert "--exclusive" not in specs["eval"].extra_sbatch and specs["eval"].partition == "h100"
+    for kind in ("merge", "vectors"):
+        assert "--exclusive" not in specs[kind].extra_sbatch and specs[kind].partition == "cpu"
+    assert all("--constraint=ib" in spec.extra_sbatch for spec in specs.values())
