@@ -104,9 +104,13 @@ def test_full_quickstart_report_shows_the_trends():
     run = Path(os.environ["PREFVEC_QUICKSTART_RUN"])
     summary, sweep = load(run, "summary.json"), load(run, "sweep.json")
     check_margins_and_base(summary, sweep)
+    # The generated helpfulness rate is not monotone in eta_helpful on the locked stack (it peaks
+    # near eta 0.5: docs/results/quickstart.md, from benchmarks/quickstart_figures.py); the claim
+    # that it rises was measured on another stack. What holds: removing phi_helpful lowers it,
+    # and its held-out margin and pair accuracy rise along eta_helpful.
     helpful = along(summary, "helpful", "helpful")
-    assert helpful[0] < at_zero(summary, "helpful", "helpful") <= helpful[-1]
-    assert summary["trends"]["helpful"]["helpful"]["trend"] == "rises"
+    assert helpful[0] < at_zero(summary, "helpful", "helpful")
+    assert summary["trends"]["helpful"]["acc_helpful"]["trend"] == "rises"
     refusal = along(summary, "harmless", "harmless")
     assert refusal[0] < at_zero(summary, "harmless", "harmless") < refusal[-1]
     assert summary["trends"]["harmless"]["harmless"]["trend"] == "rises"
