@@ -13,7 +13,9 @@
 #                             (default $HOME/.cache/prefvec-ds/slurm)
 #   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb
 #                             (default 16817; the stock ports are 6817-6819 and 3306, and
-#                             20000-39999 is where jobs put MASTER_PORT, see dist/env.py)
+#                             20000-32767 is where jobs put MASTER_PORT, see dist/env.py)
+#   PREFVEC_SLURM_FIRST_JOB_ID first job id (default 1): private clusters on one machine with
+#                             different ids never derive the same MASTER_PORT
 #   PREFVEC_SLURM_CPUS        CPUs the node advertises (default 8: four array tasks at once)
 #   PREFVEC_SLURM_ACCOUNTING  1 (default): slurmdbd + mariadb so that sacct works; 0: without
 #   PREFVEC_SLURM_NO_INSTALL  1: never call apt-get; fail when a binary is missing
@@ -41,7 +43,9 @@ load_settings() {
         PORT_BASE="${PREFVEC_SLURM_PORT_BASE:-16817}"
         ACCOUNTING="${PREFVEC_SLURM_ACCOUNTING:-1}"
         CPUS="${PREFVEC_SLURM_CPUS:-8}"
+        FIRST_JOB_ID="${PREFVEC_SLURM_FIRST_JOB_ID:-1}"
     fi
+    FIRST_JOB_ID="${FIRST_JOB_ID:-1}"  # folders made before the setting existed
     CTLD_PORT=$PORT_BASE SLURMD_PORT=$((PORT_BASE + 1))
     DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
 }
@@ -80,7 +84,8 @@ ensure_packages() {
 
 write_settings() {
     [[ -f "$SETTINGS" ]] && return
-    printf 'PORT_BASE=%s\nACCOUNTING=%s\nCPUS=%s\n' "$PORT_BASE" "$ACCOUNTING" "$CPUS" >"$SETTINGS"
+    printf 'PORT_BASE=%s\nACCOUNTING=%s\nCPUS=%s\nFIRST_JOB_ID=%s\n' "$PORT_BASE" "$ACCOUNTING" \
+        "$CPUS" "$FIRST_JOB_ID" >"$SETTINGS"
 }
 
 write_slurm_conf() {
@@ -98,6 +103,7 @@ AccountingStoragePass=$RUN/munge.sock"
     cat >"$CONF.tmp" <<EOF
 # Written by slurm/cluster.sh; regenerated on every \`up\`.
 ClusterName=prefvec
+FirstJobId=$FIRST_JOB_ID
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT

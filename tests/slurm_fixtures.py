@@ -95,7 +95,11 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
     keep_home = "PREFVEC_SLURM_TEST_HOME" in os.environ
     home = Path(os.environ.get("PREFVEC_SLURM_TEST_HOME") or tmp_path_factory.mktemp("slurm"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_PREFIXES)}
-    env.update(PREFVEC_SLURM_HOME=str(home), PREFVEC_SLURM_PORT_BASE=str(_free_port_base()))
+    # job ids from a random start: two private clusters on one machine (two CI runs, a
+    # developer's tests beside CI) handed out the same ids, hence the same MASTER_PORT
+    # (dist.env.slurm_job_port), and one job's rank 0 died with EADDRINUSE
+    env.update(PREFVEC_SLURM_HOME=str(home), PREFVEC_SLURM_PORT_BASE=str(_free_port_base()),
+               PREFVEC_SLURM_FIRST_JOB_ID=str(random.randrange(1000, 11000, 100)))
     proc = subprocess.run([str(CLUSTER_SH), "up"], env=env, capture_output=True, text=True,
                           timeout=600)
     if proc.returncode != 0:

@@ -37,12 +37,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def slurm_job_port(job_id: str) -> int:
-    """A port every rank of one SLURM job agrees on without talking: 20000 + job id mod 20000.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12768
 
-    Array tasks have distinct SLURM_JOB_IDs, so the four DPO directions on one node differ.
+
+def slurm_job_port(job_id: str) -> int:
+    """A port every rank of one SLURM job agrees on without talking: 20000 + job id mod 12768.
+
+    Array tasks have distinct SLURM_JOB_IDs, so the four DPO directions on one node differ. The
+    ports stay below 32768, where Linux's ephemeral range starts (32768-60999 by default): with
+    the old span of 20000 (ports up to 39999) any outgoing connection on the first node could
+    hold the job's port, and rank 0's store failed with EADDRINUSE.
     """
-    return 20000 + int(job_id) % 20000
+    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
 
 
 def _first_slurm_host(nodelist: str) -> str:

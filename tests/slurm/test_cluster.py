@@ -160,6 +160,8 @@ def test_template_srun_gives_two_ranks_with_one_master_port(slurm_cluster, tmp_p
 
 
 def test_plain_srun_gives_discover_ranks(slurm_cluster, tmp_path):
+    from prefvec_ds.dist.env import slurm_job_port
+
     out = tmp_path / "events.jsonl"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -169,7 +171,7 @@ def test_plain_srun_gives_discover_ranks(slurm_cluster, tmp_path):
     ranks = sorted(events(out), key=lambda e: e["rank"])
     assert [(e["rank"], e["world_size"]) for e in ranks] == [(0, 2), (1, 2)]
     assert len({e["master_port"] for e in ranks}) == 1
-    assert ranks[0]["master_port"] == 20000 + int(ranks[0]["job"]) % 20000
+    assert ranks[0]["master_port"] == slurm_job_port(ranks[0]["job"])
 
 
 def test_usr1_before_time_limit_reaches_srun_step_and_requeues(time_limit_job):

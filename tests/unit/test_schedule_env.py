@@ -48,3 +48,21 @@ def test_rank_discovery_precedence():
             slurm.master_port) == (3, 4, 1, "nodeA", 20041)
     single = discover({})
     assert (single.rank, single.world_size, single.source) == (0, 1, "single")
+
+
+def test_slurm_job_port_stays_below_the_ephemeral_range_and_matches_the_template():
+    import re
+    import subprocess
+
+    from prefvec_ds.dist.env import slurm_job_port
+    from tests.conftest import REPO
+
+    ids = [1, 17, 1234, 12767, 12768, 32767, 99999, 1_000_003]
+    assert all(20000 <= slurm_job_port(str(i)) < 32768 for i in range(0, 200_000, 7))
+    assert len({slurm_job_port(str(i)) for i in range(5000, 5004)}) == 4  # an array on one node
+    line = re.search(r"^export MASTER_PORT=.*$", (REPO / "slurm" / "job.sbatch.tmpl").read_text(),
+                     re.M).group(0)
+    for job in ids:  # the sbatch template computes the same port in bash
+        out = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job}; {line}; echo $MASTER_PORT"],
+                             capture_output=True, text=True, check=True).stdout
+        assert int(out) == slurm_job_port(str(job))
