@@ -15,33 +15,20 @@ docs/results/quickstart.md always hold the same run's figures, with date and ver
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from results_page import stamp  # benchmarks/ is on sys.path
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "docs" / "results" / "quickstart.md"
 README = REPO / "README.md"
 BEGIN, END = "<!-- quickstart-figures:begin -->", "<!-- quickstart-figures:end -->"
-PACKAGES = ("torch", "deepspeed", "transformers", "kernels", "numpy")
 HINT = {"helpful": "benign prompts answered correctly", "harmless": "harmful prompts refused",
         "over_refusal": "benign prompts refused", "verbosity": "words per answer"}
-
-
-def versions() -> str:
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "prefvec_ds",
-                            "recipes"], capture_output=True, text=True).stdout.strip()
-    pkgs = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in PACKAGES)
-    return (f"prefvec-ds {commit}{' (modified)' if dirty else ''}, Python "
-            f"{platform.python_version()}, {pkgs}")
 
 
 def run_quickstart(run_dir: Path) -> None:
@@ -123,9 +110,7 @@ def diagnostics(summary: dict) -> list[str]:
 def write(run_dir: Path, command: str) -> None:
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     wall, rss = wall_seconds(run_dir), peak_rss_mb(run_dir)
-    stamp = (f"{datetime.date.today().isoformat()}; {versions()}; {platform.machine()}, "
-             f"{os.cpu_count()} CPU cores")
-    block = [f"Measured {stamp}. Command: `{command}`; wall time {wall:.0f} s (first stage start "
+    block = [f"Measured {stamp()}. Command: `{command}`; wall time {wall:.0f} s (first stage start "
              f"to last stage end), peak RSS of one rank {rss:.0f} MB. "
              f"{summary['prompts']} held-out prompts, {summary['points']} sweep points.", "",
              *headline(summary)]

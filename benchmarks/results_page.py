@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGES = ("torch", "deepspeed", "transformers", "numpy", "isal")
+PACKAGES = ("torch", "deepspeed", "transformers", "kernels", "numpy", "isal")
 
 
 def stamp() -> str:
@@ -26,13 +26,16 @@ def stamp() -> str:
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "prefvec_ds",
+                            "recipes", "benchmarks"], capture_output=True, text=True).stdout.strip()
     pkgs = []
     for name in PACKAGES:
         try:
             pkgs.append(f"{name} {importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             pkgs.append(f"{name} absent")
-    return (f"{datetime.date.today().isoformat()}; prefvec-ds {commit}, Python "
+    return (f"{datetime.date.today().isoformat()}; prefvec-ds {commit}"
+            f"{' (modified)' if dirty else ''}, Python "
             f"{platform.python_version()}, {', '.join(pkgs)}; {platform.machine()}, "
             f"{os.cpu_count()} CPU cores")
 
