@@ -215,6 +215,8 @@ pairs = [TokenizedPair(ids(256), ids(256), ids(256), str(i)) for i in range(4)]
 mem = lambda: torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 marks = {}
 for step in range(3):
+    if cuda:  # per-step peaks: max_memory_allocated is otherwise the max since start
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     logps, _ = batch_logps(engine, pair_collate(engine, True)(pairs, 0))
     c, r = split_pair_logps(logps.float())
