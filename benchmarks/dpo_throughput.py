@@ -348,7 +348,7 @@ def prepare_trl(args, pairs: list, steps: list, model: Path, ds_config: dict) ->
 def run_trl(args, trl_dir: Path, tag: str, expected: list[int]) -> dict:
     for f in trl_dir.glob("rank*.json"):
         f.unlink()
-    from prefvec_ds.dist.env import free_port
+    from prefvec_ds.distributed.env import free_port
 
     port = str(free_port())
     wall = run([str(args.trl_python), "-m", "accelerate.commands.launch", "--config_file",
@@ -437,7 +437,7 @@ def profile_rank(config: str, out: str, first: int, active: int) -> None:
 
     import prefvec_ds.train.loop as loop
     from prefvec_ds.config.loader import load_config
-    from prefvec_ds.dist import engine as dist
+    from prefvec_ds.distributed import engine as dist
     from prefvec_ds.train.dpo import train_dpo
 
     cfg = load_config(config)
@@ -495,7 +495,7 @@ def label_phases() -> None:
 def run_profile(args, config: Path, tag: str, repo: Path) -> None:
     """torch.profiler over (a)'s measured steps with the code of `repo` (this checkout or
     --before); rank 0's phases and top operators are printed and kept in profile_<tag>.txt."""
-    from prefvec_ds.dist.env import free_port
+    from prefvec_ds.distributed.env import free_port
 
     out = args.workdir / f"profile_{tag}.txt"
     shutil.rmtree(args.workdir / "ours" / "dpo" / DIRECTION, ignore_errors=True)
@@ -583,7 +583,7 @@ def describe(name: str, r: dict) -> str:
 def resolved_ds_config(config: Path, model: Path) -> dict:
     """prefvec's DeepSpeed JSON for the DPO stage, exactly as its ranks will use it."""
     from prefvec_ds.config.loader import load_config, resolve_ds_config
-    from prefvec_ds.dist.engine import resolve_zero_auto
+    from prefvec_ds.distributed.engine import resolve_zero_auto
 
     cfg = load_config(config)
     ds = resolve_ds_config(cfg, cfg.dpo, cfg.distributed.nproc_per_node)

@@ -107,7 +107,7 @@ TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 
 check collectives 120 "${TORCHRUN[@]}" "$(pyfile collectives <<'EOF'
 import torch
-from prefvec_ds.dist import engine as dist
+from prefvec_ds.distributed import engine as dist
 dist.init(seed=0)
 import torch.distributed as tdist
 out = dist.all_reduce_sum({"a": 1.5, "b": 2.0})
@@ -191,7 +191,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from prefvec_ds.data.tokenize import TokenizedPair
-from prefvec_ds.dist import engine as dist
+from prefvec_ds.distributed import engine as dist
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.losses import preference_loss
 

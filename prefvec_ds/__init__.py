@@ -2,7 +2,7 @@
 
 The package reads as the pipeline:
 config -> data -> train (sft, ref_logps, dpo) -> ckpt (vectors, merge) -> eval / mora,
-orchestrated by pipeline; only prefvec_ds.dist touches deepspeed or torch.distributed.
+orchestrated by pipeline; only prefvec_ds.distributed touches deepspeed or torch.distributed.
 """
 
 __version__ = "0.1.0"

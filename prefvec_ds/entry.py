@@ -1,7 +1,7 @@
 """Per-rank entry point that launchers start: `python -m prefvec_ds.entry STAGE CONFIG ...`.
 
 deepspeed (`deepspeed --module prefvec_ds.entry`), torchrun, srun and mpirun all start this on
-every rank; prefvec_ds.dist.env works out the rank from whichever variables they set.
+every rank; prefvec_ds.distributed.env works out the rank from whichever variables they set.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_stage(args: argparse.Namespace) -> None:
-    from prefvec_ds.dist import engine as dist  # noqa: PLC0415
+    from prefvec_ds.distributed import engine as dist  # noqa: PLC0415
 
     cfg = load_config(args.config, args.overrides)
     dist.init(cfg.seed)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> NoReturn:
     """The rank's whole process: `main`, then `exit_process` (no interpreter teardown while the
     process group's threads still run). The training loop's requeue exit comes as SystemExit."""
-    from prefvec_ds.dist.engine import exit_process  # noqa: PLC0415
+    from prefvec_ds.distributed.engine import exit_process  # noqa: PLC0415
 
     try:
         code = main(argv)

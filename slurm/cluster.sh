@@ -13,7 +13,7 @@
 #                             (default $HOME/.cache/prefvec-ds/slurm)
 #   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb
 #                             (default 16817; the stock ports are 6817-6819 and 3306, and
-#                             20000-32767 is where jobs put MASTER_PORT, see dist/env.py)
+#                             20000-32767 is where jobs put MASTER_PORT, see distributed/env.py)
 #   PREFVEC_SLURM_FIRST_JOB_ID first job id (default 1): private clusters on one machine with
 #                             different ids never derive the same MASTER_PORT
 #   PREFVEC_SLURM_CPUS        CPUs the node advertises (default 8: four array tasks at once)

@@ -26,8 +26,9 @@ def shared_file(*parts: str) -> Path:
 
 
 def pytest_collection_modifyitems(items):
-    """The folder is the tier: tests/unit -> unit, tests/dist -> dist, ..."""
+    """The folder is the tier: tests/unit -> unit, tests/distributed -> dist, ..."""
     for item in items:
-        tier = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        tier = {"distributed": "dist"}.get(folder, folder)
         if tier in ("unit", "dist", "slurm", "e2e", "faults"):
             item.add_marker(getattr(pytest.mark, tier))

@@ -10,7 +10,7 @@ prompts already there, whatever the previous shard layout. The random streams ar
 so results are the same for any number of shards and any interruption point.
 
 Shards are launcher ranks (RANK/WORLD_SIZE, SLURM_PROCID/SLURM_NTASKS, MPI) times SLURM array
-tasks (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, with --array). Only prefvec_ds.dist.env is
+tasks (SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, with --array). Only prefvec_ds.distributed.env is
 used for that: the stage never joins a process group.
 
     python -m prefvec_ds.mora.stage shard CONFIG [overrides] [--no-array]
@@ -108,7 +108,7 @@ def check_fingerprint(cfg: RunConfig, restart: bool = False) -> None:
 
 def shard_of(env=None, use_array: bool = True) -> tuple[int, int, int]:
     """(shard, number of shards, local rank): launcher rank x SLURM array task."""
-    from prefvec_ds.dist.env import discover  # noqa: PLC0415
+    from prefvec_ds.distributed.env import discover  # noqa: PLC0415
 
     env = os.environ if env is None else env
     info = discover(env)
@@ -255,8 +255,8 @@ def pin_shard_gpu(env=None) -> str | None:
     SLURM_LOCALID (through a preset CUDA_VISIBLE_DEVICES), before torch or vLLM touch CUDA;
     the scorers, built later, land there too. Local shards already get one GPU each
     (launch_local). Returns the GPU kept, or None when nothing was changed."""
-    from prefvec_ds.dist.env import srun_task  # noqa: PLC0415
-    from prefvec_ds.dist.launch import visible_gpu_ids  # noqa: PLC0415
+    from prefvec_ds.distributed.env import srun_task  # noqa: PLC0415
+    from prefvec_ds.distributed.launch import visible_gpu_ids  # noqa: PLC0415
 
     env = os.environ if env is None else env
     if not srun_task(env) or env.get("DS_ACCELERATOR") == "cpu":

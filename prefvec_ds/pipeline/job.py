@@ -32,7 +32,7 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import link_atomic
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.schema import RunConfig
-from prefvec_ds.dist.env import timeout_env  # stdlib only: no torch import here
+from prefvec_ds.distributed.env import timeout_env  # stdlib only: no torch import here
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import (SEED_MARK, Stage, build_dag, groups, merge_etas,
                                      output_dir, seed_run_dir, split_seed, stage_by_name)
@@ -80,8 +80,8 @@ def rank_command(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
         # signals it gets on to every task (SIGUSR1 before the time limit, SIGTERM on requeue).
         return ["srun", "--kill-on-bad-exit=1", *cfg.pipeline.slurm.srun_args, sys.executable,
                 "-m", "prefvec_ds.entry", *args]
-    from prefvec_ds.dist.env import free_port  # noqa: PLC0415
-    from prefvec_ds.dist.launch import launcher_command  # noqa: PLC0415
+    from prefvec_ds.distributed.env import free_port  # noqa: PLC0415
+    from prefvec_ds.distributed.launch import launcher_command  # noqa: PLC0415
 
     if launcher == "deepspeed" and devices is not None:
         # The deepspeed launcher drops CUDA_VISIBLE_DEVICES when --num_gpus is given and would
@@ -145,7 +145,7 @@ def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | No
         # stage_env spares this process the torch import (~4 CPU-s per job)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     else:
-        from prefvec_ds.dist.launch import stage_env  # noqa: PLC0415
+        from prefvec_ds.distributed.launch import stage_env  # noqa: PLC0415
 
         # torchrun honours CUDA_VISIBLE_DEVICES; for deepspeed the --include above does the job
         # (devices are physical ids: pipeline.local.device_slots maps them)

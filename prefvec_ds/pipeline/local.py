@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.schema import RunConfig
-from prefvec_ds.dist.env import free_port
+from prefvec_ds.distributed.env import free_port
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import Stage
 from prefvec_ds.pipeline.prepare import snapshot_path
@@ -56,7 +56,7 @@ def device_slots(cfg: RunConfig, n_gpus: int, env=None) -> list[list[int] | None
     need: `deepspeed --include` drops the inherited CUDA_VISIBLE_DEVICES, and torchrun / MORA
     shards get a CUDA_VISIBLE_DEVICES of their own.
     """
-    from prefvec_ds.dist.launch import physical_gpus  # noqa: PLC0415
+    from prefvec_ds.distributed.launch import physical_gpus  # noqa: PLC0415
 
     limit = cfg.distributed.max_concurrent_jobs
     if n_gpus == 0:

@@ -117,7 +117,7 @@ def entry_args(args: argparse.Namespace) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from prefvec_ds.dist.launch import inside_launch, launcher_command, stage_env  # noqa: PLC0415
+    from prefvec_ds.distributed.launch import inside_launch, launcher_command, stage_env  # noqa: PLC0415
 
     cfg = validate(args)
     launcher = args.launcher or ("none" if inside_launch() else cfg.distributed.launcher)

@@ -15,7 +15,7 @@ from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import is_held_out
 from prefvec_ds.data.tokenize import TokenizedPair, direction_view, pair_tokens
-from prefvec_ds.dist import engine as dist
+from prefvec_ds.distributed import engine as dist
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.losses import LOSSES, preference_loss

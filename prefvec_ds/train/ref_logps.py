@@ -19,7 +19,7 @@ from prefvec_ds.config.loader import resolve_ds_config
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_preference
 from prefvec_ds.data.tokenize import TokenizedPair, fingerprint_pairs, pair_tokens, tokenize_pairs
-from prefvec_ds.dist import engine as dist
+from prefvec_ds.distributed import engine as dist
 from prefvec_ds.models.hf import model_fingerprint
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.schedule import shard_for_eval

@@ -11,7 +11,7 @@ from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_sft_examples
 from prefvec_ds.data.tokenize import collate_sft, tokenize_sft
-from prefvec_ds.dist import engine as dist
+from prefvec_ds.distributed import engine as dist
 from prefvec_ds.train.logps import sequence_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.schedule import schedule_for

@@ -3,7 +3,7 @@
     python payload.py stamp OUT SECONDS [EXIT]   start/end times around a sleep, then exit EXIT
     python payload.py hold OUT                   first run sleeps (to be requeued); a rerun ends
     python payload.py preempt OUT                first run waits for USR1; a rerun ends
-    python payload.py rank OUT                   prefvec_ds.dist.env.discover() of this task
+    python payload.py rank OUT                   prefvec_ds.distributed.env.discover() of this task
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def preempt(out: str) -> None:
 
 
 def rank(out: str) -> None:
-    from prefvec_ds.dist.env import discover  # noqa: PLC0415 - payload runs in its own process
+    from prefvec_ds.distributed.env import discover  # noqa: PLC0415 - payload runs in its own process
 
     info = discover()
     record(out, "rank", rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,

@@ -146,7 +146,7 @@ def test_usr1_reaches_direct_command_and_requeues(slurm_cluster, tmp_path):
 
 
 def test_template_srun_gives_two_ranks_with_one_master_port(slurm_cluster, tmp_path):
-    from prefvec_ds.dist.env import slurm_job_port
+    from prefvec_ds.distributed.env import slurm_job_port
 
     out = tmp_path / "events.jsonl"
     job = slurm.submit(make_spec(tmp_path, "ranks", f"{PY} rank {out}", ntasks_per_node=2))
@@ -160,7 +160,7 @@ def test_template_srun_gives_two_ranks_with_one_master_port(slurm_cluster, tmp_p
 
 
 def test_plain_srun_gives_discover_ranks(slurm_cluster, tmp_path):
-    from prefvec_ds.dist.env import slurm_job_port
+    from prefvec_ds.distributed.env import slurm_job_port
 
     out = tmp_path / "events.jsonl"
     env = {k: v for k, v in os.environ.items()

@@ -19,9 +19,9 @@ import torch.distributed as tdist
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
-from prefvec_ds.dist import engine as dist
-from prefvec_ds.dist.env import cuda_device_index, discover, srun_task
-from prefvec_ds.dist.launch import launcher_command, physical_gpus, stage_env, visible_gpu_ids
+from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed.env import cuda_device_index, discover, srun_task
+from prefvec_ds.distributed.launch import launcher_command, physical_gpus, stage_env, visible_gpu_ids
 from prefvec_ds.pipeline.local import check_single_node, device_slots
 from prefvec_ds.pipeline.submit import check_accelerator_env
 from tests.conftest import REPO

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prefvec_ds.dist.env import slurm_job_port
+from prefvec_ds.distributed.env import slurm_job_port
 from prefvec_ds.pipeline import slurm
 
 

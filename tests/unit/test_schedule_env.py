@@ -1,7 +1,7 @@
 import pytest
 
 from prefvec_ds.config.schema import DPOConfig
-from prefvec_ds.dist.env import discover
+from prefvec_ds.distributed.env import discover
 from prefvec_ds.train.schedule import WarmupDecay, rank_micro_batches, shard_for_eval
 
 
@@ -54,7 +54,7 @@ def test_slurm_job_port_stays_below_the_ephemeral_range_and_matches_the_template
     import re
     import subprocess
 
-    from prefvec_ds.dist.env import slurm_job_port
+    from prefvec_ds.distributed.env import slurm_job_port
     from tests.conftest import REPO
 
     ids = [1, 17, 1234, 12767, 12768, 32767, 99999, 1_000_003]

@@ -17,14 +17,14 @@ import textwrap
 
 import pytest
 
-from prefvec_ds.dist.env import free_port
+from prefvec_ds.distributed.env import free_port
 from tests.conftest import REPO
 
 BUILD_TWICE = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from prefvec_ds.dist import engine as dist
+    from prefvec_ds.distributed import engine as dist
 
     model_dir = Path(sys.argv[1])
     dist.init(seed=0)

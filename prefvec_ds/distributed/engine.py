@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import torch
 
-from prefvec_ds.dist import env as dist_env
+from prefvec_ds.distributed import env as dist_env
 
 COMPLETE_MARKER = "prefvec_complete.json"
 _STARTED = {"group": False}  # did this process start a process group (see exit_process)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tests.dist.conftest import prefvec, write_config
+from tests.distributed.conftest import prefvec, write_config
 
 SHORT = {"data": {"embedded_size": 400},
          "sft": {"max_steps": 8, "log_every": 4},

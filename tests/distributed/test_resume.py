@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from prefvec_ds.dist.engine import COMPLETE_MARKER
+from prefvec_ds.distributed.engine import COMPLETE_MARKER
 from tests.conftest import REPO
-from tests.dist.conftest import metrics, prefvec, write_config
+from tests.distributed.conftest import metrics, prefvec, write_config
 
 # Exact equality is expected: resume restores fp32 master weights, Adam moments, LR schedule,
 # RNG and the (stateless) data order, and a 2-rank gloo sum is order-independent. The stated

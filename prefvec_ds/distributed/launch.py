@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
-from prefvec_ds.dist.env import DEFAULT_TIMEOUT_MINUTES, free_port, timeout_env
+from prefvec_ds.distributed.env import DEFAULT_TIMEOUT_MINUTES, free_port, timeout_env
 
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "prefvec-ds" / "torch_extensions"
 

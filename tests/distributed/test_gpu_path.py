@@ -13,14 +13,14 @@ import subprocess
 import sys
 import textwrap
 
-from prefvec_ds.dist.env import free_port
+from prefvec_ds.distributed.env import free_port
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch.distributed as tdist
-    from prefvec_ds.dist import engine as dist
+    from prefvec_ds.distributed import engine as dist
 
     rank, root = int(sys.argv[1]), Path(sys.argv[2])
     tdist.init_process_group("gloo", rank=rank, world_size=2)

@@ -11,12 +11,12 @@ import subprocess
 import sys
 import textwrap
 
-from prefvec_ds.dist.env import free_port
+from prefvec_ds.distributed.env import free_port
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent("""
     import atexit, sys
-    from prefvec_ds.dist import engine as dist
+    from prefvec_ds.distributed import engine as dist
     atexit.register(lambda: print("teardown ran", flush=True))
     if sys.argv[1] == "group":
         dist.init(seed=0)

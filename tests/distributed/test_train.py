@@ -6,7 +6,7 @@ import json
 import math
 
 
-from tests.dist.conftest import metrics, prefvec, write_config
+from tests.distributed.conftest import metrics, prefvec, write_config
 
 
 def test_sft_loss_falls_and_exports_a_loadable_base(sft_run):

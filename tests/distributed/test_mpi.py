@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from prefvec_ds.dist.env import free_port
+from prefvec_ds.distributed.env import free_port
 from tests.conftest import REPO
 
 
