@@ -71,6 +71,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=_workers, default=2,
                    help="reader threads, and as many arithmetic threads (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--method", default="task_arithmetic",
+                   choices=["task_arithmetic", "ties", "dare", "dare_ties"],
+                   help="how the vectors combine (docs/checkpoints-and-merging.md); default: "
+                   "base + lambda * sum eta*phi")
+    p.add_argument("--density", type=float, default=1.0,
+                   help="ties/dare: fraction of each vector's values kept (default 1)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide by the summed eta of the vectors that contribute to each value "
+                   "(default: on for ties and dare_ties, off otherwise, as mergekit)")
+    p.add_argument("--lambda", dest="lam", type=float, default=1.0,
+                   help="scale of the combined vectors (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="dare: the drop seed (default 0)")
     p.set_defaults(func=run_merge)
 
     p = sub.add_parser("vector-stats", help="norms per layer and cosine between vectors",
@@ -103,10 +115,20 @@ def run_merge(args) -> int:
         vectors = [(open_vector_arg(vec), eta) for vec, eta in etas]
         info = merge_vectors(args.base, vectors, args.out, dtype=args.dtype,
                              max_shard_size=args.max_shard_size, workers=args.workers,
-                             overwrite=args.overwrite, config_from=args.config_from)
+                             overwrite=args.overwrite, config_from=args.config_from,
+                             method=args.method, params=_method_params(args))
     print(f"wrote {args.out}: {info['tensors']} tensors, {info['bytes'] / 1e9:.3f} GB "
-          f"{info['dtype']}; copied {', '.join(info['copied']) or 'no config files'}")
+          f"{info['dtype']} ({info['method']}); copied "
+          f"{', '.join(info['copied']) or 'no config files'}")
     return 0
+
+
+def _method_params(args):
+    from prefvec_ds.ckpt.methods import MERGE_METHODS, MethodParams
+
+    normalize = (MERGE_METHODS[args.method].normalize_default if args.normalize is None
+                 else args.normalize)
+    return MethodParams(density=args.density, normalize=normalize, lam=args.lam, seed=args.seed)
 
 
 def run_vector_stats(args) -> int:

@@ -17,10 +17,14 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.dtypes import CODE_BY_NAME
 from prefvec_ds.ckpt.paths import contained
-from prefvec_ds.ckpt.segments import Segment, Term
+from prefvec_ds.ckpt.methods import (Mix, MethodParams, TopMagnitude, check_params, is_plain_sum,
+                                     needs_thresholds)
+from prefvec_ds.ckpt.segments import CHUNK_ELEMS, Segment, Term, read_side
 from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
 from prefvec_ds.ckpt.stream import OutputTensor, run_plan
 from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
@@ -158,7 +162,8 @@ def _buffer_segments(name: str, tensor) -> tuple:
                     tensor.record),)
 
 
-def _plan(base_src, order, floats, vectors, maps, code: str, out) -> tuple[list, list]:
+def _plan(base_src, order, floats, vectors, maps, code: str, out,
+          method=("task_arithmetic", MethodParams())) -> tuple[list, list]:
     """(writer specs, stream plan) for every output tensor, in writing order."""
     owner = {**base_src.aliases}
     buffers = base_src.buffers() if base_src.kind == "zero3" else {}
@@ -176,13 +181,46 @@ def _plan(base_src, order, floats, vectors, maps, code: str, out) -> tuple[list,
             specs.append(TensorSpec(name, shape, stored))
             plan.append(OutputTensor(name, numel, stored, tuple(terms), raw=True))
             continue
-        for (vec, eta), mapping in zip(vectors, maps):
+        ids = []
+        for k, ((vec, eta), mapping) in enumerate(zip(vectors, maps)):
             if eta != 0.0:
                 terms += vec.terms(mapping[name], float(eta))
+                ids.append(k)
         specs.append(TensorSpec(name, shape, code))
         plan.append(OutputTensor(name, numel, code, tuple(terms),
-                                 label=f"merged model {out}, parameter {name}"))
+                                 label=f"merged model {out}, parameter {name}",
+                                 mix=_mix_of(method, numel, terms[1:], ids)))
     return specs, plan
+
+
+def _mix_of(method, numel: int, vector_terms: list, ids: list) -> Mix | None:
+    """None for the plain sum (the fused fast path), else the method's Mix for the tensor."""
+    name, params = method
+    if is_plain_sum(name, params) or not vector_terms:
+        return None
+    if len(vector_terms) != len(ids):
+        raise PrefvecError(f"merge method {name}: each vector must be one term")
+    thresholds = ()
+    if needs_thresholds(name, params):
+        thresholds = tuple(_trim_threshold(t, numel, params.density) for t in vector_terms)
+    return Mix(name, params, tuple(ids), thresholds)
+
+
+def _trim_threshold(term: Term, numel: int, density: float) -> int:
+    """TopMagnitude of (plus - minus) over the whole tensor, read in chunks (one or two
+    passes: the trim's cost is these extra reads of the vectors, never a gathered tensor)."""
+    top = TopMagnitude(numel, density)
+    while True:
+        for c0 in range(0, numel, CHUNK_ELEMS):
+            c1 = min(numel, c0 + CHUNK_ELEMS)
+            bufs = [np.empty(c1 - c0, np.float32) for _ in term.sides()]
+            for segs, buf in zip(term.sides(), bufs):
+                read_side(segs, c0, c1, buf)
+            if term.minus is not None:
+                np.subtract(bufs[0], bufs[1], out=bufs[0])
+            top.feed(bufs[0])
+        if not top.end_pass():
+            return top.threshold()
 
 
 def _inputs(base, vectors: list, config_from) -> list[tuple[str, object]]:
@@ -196,8 +234,15 @@ def _inputs(base, vectors: list, config_from) -> list[tuple[str, object]]:
 
 def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: str | Path,
                   dtype: str | None = None, max_shard_size: str | int = "5GB", workers: int = 2,
-                  overwrite: bool = False, config_from: str | Path | None = None) -> dict:
-    """Write base + sum eta * phi as a HF folder. `vectors`: [(opened source, eta)]."""
+                  overwrite: bool = False, config_from: str | Path | None = None,
+                  method: str = "task_arithmetic", params: MethodParams | None = None) -> dict:
+    """Write base + sum eta * phi as a HF folder (or the merge `method` of the vectors, see
+    ckpt/methods.py). `vectors`: [(opened source, eta)]."""
+    params = params or MethodParams()
+    try:
+        check_params(method, params)
+    except ValueError as err:
+        raise PrefvecError(f"merge: {err}") from None
     for _vec, eta in vectors:
         check_eta(eta)
     base_src = open_source(base, "base")
@@ -211,7 +256,8 @@ def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: st
         raise PrefvecError(f"base {base}: no config.json in the checkpoint folder or its parent; "
                            "pass --config-from HF_FOLDER so the merged model is loadable")
     _config_files(cfg_src)
-    specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out)
+    specs, plan = _plan(base_src, order, floats, vectors, maps, CODE_BY_NAME[dtype], out,
+                        (method, params))
     with atomic_output_dir(Path(out), overwrite, inputs=_inputs(base, vectors, config_from),
                            param="--out") as tmp:
         with ShardedSafetensorsWriter(tmp, specs, parse_size(max_shard_size),
@@ -219,4 +265,4 @@ def merge_vectors(base: str | Path, vectors: list[tuple[object, float]], out: st
             run_plan(plan, writer, workers, desc="merge")
         copied = _copy_config(cfg_src, tmp, dtype)
     return {"out": str(out), "dtype": dtype, "tensors": len(specs), "copied": copied,
-            "bytes": sum(s.nbytes for s in specs)}
+            "bytes": sum(s.nbytes for s in specs), "method": method}

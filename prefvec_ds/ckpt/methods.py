@@ -48,11 +48,25 @@ class MethodParams:
 
 @dataclass(frozen=True)
 class ChunkContext:
-    """Where a chunk lies: its tensor, its first element, and per vector the trim threshold
-    (float32 bit pattern of the smallest kept |d|; None when nothing is trimmed)."""
+    """Where a chunk lies: its tensor, its first element, per vector its trim threshold
+    (TopMagnitude bits; empty when nothing is trimmed) and its id in the merge (the drop
+    stream's key; default: its position)."""
     tensor: str
     offset: int
     thresholds: tuple = ()
+    vector_ids: tuple = ()
+
+
+@dataclass(frozen=True)
+class Mix:
+    """One output tensor's merge by a method (the stream executor's job description)."""
+    method: str
+    params: MethodParams
+    vector_ids: tuple
+    thresholds: tuple = ()
+
+    def chunk(self, tensor: str, offset: int) -> ChunkContext:
+        return ChunkContext(tensor, offset, self.thresholds, self.vector_ids)
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,11 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
+def is_plain_sum(method: str, p: MethodParams) -> bool:
+    """task arithmetic at lambda 1 without normalising: the executor's fused fast path."""
+    return method == "task_arithmetic" and p.lam == 1.0 and not p.normalize
+
+
 def check_params(method: str, p: MethodParams) -> None:
     """ValueError with one line naming the bad knob."""
     if method not in MERGE_METHODS:
@@ -86,6 +105,7 @@ def check_params(method: str, p: MethodParams) -> None:
 
 
 def needs_thresholds(method: str, p: MethodParams) -> bool:
+    """Whether the method trims by magnitude (TopMagnitude passes before the merge pass)."""
     return MERGE_METHODS[method].sparsify == "magnitude" and p.density < 1.0
 
 
@@ -95,21 +115,24 @@ def _magnitude_bits(chunk: np.ndarray) -> np.ndarray:
 
 
 class TopMagnitude:
-    """The k-th largest |x| of a tensor fed as chunks, exactly, in two passes.
+    """The k-th largest |x| of a tensor fed as chunks, exactly, in one or two passes.
 
         tm = TopMagnitude(numel, density)
-        for chunk in chunks: tm.feed(chunk)        # pass 1
-        if tm.needs_second_pass():
-            for chunk in chunks: tm.feed(chunk)    # pass 2 (only the boundary bin)
+        while True:
+            for chunk in chunks:
+                tm.feed(chunk)
+            if not tm.end_pass():
+                break
         tm.threshold()  -> uint32 bits; keep |x| bits >= it (k of them, more on exact ties)
 
     k = int(density * numel), as mergekit's magnitude sparsification; k = 0 keeps nothing.
+    The second pass is skipped when the boundary bin of the first is taken whole.
     """
 
     def __init__(self, numel: int, density: float):
         self.k = int(density * numel)
         self.high = np.zeros(1 << 15, dtype=np.int64)
-        self.low: np.ndarray | None = None
+        self.low: np.ndarray | None = None   # the second pass's histogram
         self.boundary = -1     # high half of the threshold, after pass 1
         self.rank = 0          # how many to take from the boundary bin
         self.bits: int | None = None
@@ -122,29 +145,33 @@ class TopMagnitude:
             inside = bits[(bits >> 16) == self.boundary]
             self.low += np.bincount(inside & 0xFFFF, minlength=1 << 16)
 
-    def needs_second_pass(self) -> bool:
-        if self.low is None and self.bits is None:
-            self._close_first_pass()
-        return self.low is not None and self.bits is None
-
-    def _close_first_pass(self) -> None:
+    def end_pass(self) -> bool:
+        """Close the pass fed so far; True when one more pass over the same chunks is needed."""
+        if self.low is not None:
+            self.bits = (self.boundary << 16) | _top_bin(self.low, self.rank)
+            return False
         if self.k <= 0:
             self.bits = 0xFFFFFFFF  # above every magnitude: nothing kept
-            return
-        above = np.cumsum(self.high[::-1])[::-1]   # above[b] = count with high >= b
-        boundary = int(np.nonzero(above >= self.k)[0][-1])
-        self.boundary = boundary
-        self.rank = self.k - (int(above[boundary + 1]) if boundary + 1 < len(above) else 0)
+            return False
+        self.boundary = _top_bin(self.high, self.k)
+        taken = int(self.high[self.boundary + 1:].sum())
+        self.rank = self.k - taken
+        if self.rank == self.high[self.boundary]:  # the whole bin is kept
+            self.bits = self.boundary << 16
+            return False
         self.low = np.zeros(1 << 16, dtype=np.int64)
+        return True
 
     def threshold(self) -> int:
         if self.bits is None:
-            if self.needs_second_pass() and not self.low.any():
-                raise RuntimeError("TopMagnitude: the second pass was not fed")
-            above = np.cumsum(self.low[::-1])[::-1]
-            low = int(np.nonzero(above >= self.rank)[0][-1])
-            self.bits = (self.boundary << 16) | low
+            raise RuntimeError("TopMagnitude: threshold() before its passes ended")
         return self.bits
+
+
+def _top_bin(hist: np.ndarray, k: int) -> int:
+    """The highest bin b with at least k counts in bins >= b."""
+    above = np.cumsum(hist[::-1])[::-1]
+    return int(np.nonzero(above >= k)[0][-1])
 
 
 def _splitmix64(z: np.ndarray) -> np.ndarray:
@@ -174,7 +201,9 @@ def _sparsified(method: MergeMethod, d: np.ndarray, i: int, p: MethodParams,
     if method.sparsify == "magnitude" and p.density < 1.0:
         return np.where(_magnitude_bits(d) >= np.uint32(ctx.thresholds[i]), d, np.float32(0))
     if method.sparsify == "random" and p.density < 1.0:
-        keep = kept_at_random(drop_key(p.seed, ctx.tensor, i), ctx.offset, d.size, p.density)
+        vid = ctx.vector_ids[i] if ctx.vector_ids else i
+        keep = kept_at_random(drop_key(p.seed, ctx.tensor, vid), ctx.offset, d.size,
+                              p.density)
         return np.where(keep, d / np.float32(p.density), np.float32(0))
     return d
 

@@ -41,6 +41,7 @@ from prefvec_ds.ckpt import crc
 from prefvec_ds.ckpt.crc import RecordCheck
 from prefvec_ds.ckpt.directio import ALIGN, DirectReader, aligned_buffer
 from prefvec_ds.ckpt.dtypes import ITEMSIZE, narrow_into, widen_into
+from prefvec_ds.ckpt.methods import mix_chunk
 from prefvec_ds.ckpt.segments import check_finite, check_finite_narrow, chunked_dot, combine
 
 JOB_ELEMS = 1 << 20                 # output elements per job (4 MiB of fp32)
@@ -60,6 +61,7 @@ class OutputTensor:
     terms: tuple
     raw: bool = False
     label: str = ""
+    mix: object = None   # methods.Mix: terms[1:] are mixed by a merge method, not summed
 
 
 @dataclass(eq=False)
@@ -220,7 +222,10 @@ def _compute(job: _Job, scratch: _Pool, norms: bool):
         return job.pieces[0][0].bytes(), bufs, 0.0
     sides = [[_fp32(p, scratch, bufs) for p in term_pieces] for term_pieces in job.pieces]
     out = sides[0][0]
-    combine(t.terms, sides, out)   # in place, in the first term's block (or scratch)
+    if t.mix is None:
+        combine(t.terms, sides, out)   # in place, in the first term's block (or scratch)
+    else:
+        _mix(t, job.lo, sides, out)
     sq = chunked_dot(out, out) if norms else None
     if sq is None or not np.isfinite(sq):  # the dot is NaN/Inf whenever a value is
         check_finite(out, t.label or f"parameter {t.name}")
@@ -232,6 +237,17 @@ def _compute(job: _Job, scratch: _Pool, norms: bool):
     # finite in fp32 may still overflow the output dtype (fp16 above 65504): check what is written
     check_finite_narrow(data, t.dtype, t.label or f"parameter {t.name}")
     return data, bufs, sq
+
+
+def _mix(t: OutputTensor, lo: int, sides: list, out: np.ndarray) -> None:
+    """out (the base's chunk) += the method's mix of the vector terms' (plus - minus)."""
+    deltas = []
+    for term, bufs in zip(t.terms[1:], sides[1:]):
+        if term.minus is not None:
+            np.subtract(bufs[0], bufs[1], out=bufs[0])
+        deltas.append(bufs[0])
+    mix_chunk(t.mix.method, out, deltas, [term.alpha for term in t.terms[1:]], t.mix.params,
+              t.mix.chunk(t.name, lo))
 
 
 def attach_crc_checks(blocks: list[_Block]) -> int:
