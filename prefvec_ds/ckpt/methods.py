@@ -84,7 +84,7 @@ MERGE_METHODS: dict[str, MergeMethod] = {
                         "trim to the top-density magnitudes, elect signs, disjoint mean"),
     "dare": MergeMethod("random", False, False,
                         "drop at random (keep density), rescale by 1/density, sum"),
-    "dare_ties": MergeMethod("random", True, True, "dare's drop, then ties' election"),
+    "dare_ties": MergeMethod("random", True, False, "dare's drop, then ties' election"),
 }
 
 
