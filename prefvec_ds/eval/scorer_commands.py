@@ -9,6 +9,8 @@
 - pku-pairs: the PKU-SafeRLHF realign file ({prompt, response: [safer, worse]}) as a
   {prompt, chosen, rejected} jsonl that `source: jsonl` reads (recipes/scorers/cost-pku.yaml).
 - knowledge: lm-eval accuracy of a HF folder (optionally with vectors applied in place).
+- judge: the LLM judge (prefvec_ds.eval.judge) on a jsonl of {prompt, answer} or
+  {prompt, answers: [...]} rows (the eval stage's answers.jsonl), scores and counters as JSON.
 """
 
 from __future__ import annotations
@@ -72,6 +74,17 @@ def add_parsers(sub) -> None:
     p.add_argument("--chat-template", action="store_true", help="apply the chat template")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run_knowledge)
+
+    p = cmds.add_parser("judge", help="score {prompt, answer} rows with an LLM judge on an "
+                                      "OpenAI-compatible server")
+    p.add_argument("rows", help="jsonl of {prompt, answer} or {prompt, answers: [...]} rows")
+    p.add_argument("--base-url", required=True, help="API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="model name the server serves")
+    p.add_argument("--api-key-env", default="", help="NAME of the variable holding the key")
+    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--cache-dir", default="", help="default ~/.cache/prefvec-ds/judge; off")
+    p.add_argument("--out", help="write scores, means and counters as JSON here")
+    p.set_defaults(func=run_judge)
 
 
 def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
@@ -317,3 +330,51 @@ def _knowledge_model(args) -> tuple:
     model, tokenizer = load_policy(args.model)
     apply_vectors(model, _parse_vectors(args.vector))
     return model, tokenizer
+
+
+def read_judge_rows(path: str) -> tuple[list, list]:
+    """(prompts as Messages, answers) from {prompt, answer} / {prompt, answers} rows."""
+    from prefvec_ds.data.pairs import user_prompt  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise PrefvecError(f"rows file {path} does not exist")
+    prompts, answers = [], []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        texts = row.get("answers", [row.get("answer", ...)]) if isinstance(row, dict) else None
+        if not (isinstance(texts, list) and isinstance(row.get("prompt"), str) and all(
+                t is None or isinstance(t, str) for t in texts)):
+            raise PrefvecError(f"{path}:{i}: expected a JSON object with a string prompt and "
+                               "an answer (string or null) or answers (a list of them)")
+        prompts += [user_prompt(row["prompt"])] * len(texts)
+        answers += texts
+    return prompts, answers
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    from prefvec_ds.eval.judge import JudgeScorer  # noqa: PLC0415
+    from prefvec_ds.eval.scorers import mean_scores  # noqa: PLC0415
+
+    prompts, answers = read_judge_rows(args.rows)
+    scorer = JudgeScorer(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
+                         max_concurrency=args.max_concurrency, cache_dir=args.cache_dir)
+    scores = scorer.score(prompts, answers)
+    result = {"judge": {"base_url": args.base_url, "model": args.model,
+                        "protocol": scorer.config.protocol},
+              "means": mean_scores(scores), "counters": scorer.last.as_dict(), "scores": scores}
+    for axis, value in result["means"].items():
+        if not axis.startswith("n_"):
+            shown = "none scored" if value is None else f"{value:.3f}"
+            print(f"{axis}: {shown} (n={result['means'][f'n_{axis}']} of {len(answers)})")
+    if args.out:
+        from prefvec_ds.atomic import write_json_atomic  # noqa: PLC0415
+
+        write_json_atomic(Path(args.out), result)
+    return 0
+
