@@ -97,6 +97,7 @@ class RecordingServer:
         self.upstream = upstream.rstrip("/")
         self.delay = delay
         self.bodies: list[dict] = []
+        self.exchanges: list[tuple[dict, dict]] = []  # (request, response) of forwarded 200s
         self.statuses: list[int] = []
         self.in_flight = 0
         self.peak = 0
@@ -125,7 +126,10 @@ class RecordingServer:
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=300) as resp:
-                return resp.status, {}, resp.read()
+                payload = resp.read()
+            with self.lock:
+                self.exchanges.append((json.loads(raw), json.loads(payload)))
+            return 200, {}, payload
         except urllib.error.HTTPError as err:
             return err.code, {}, err.read()
         except (urllib.error.URLError, OSError):  # upstream gone: what a dead gateway says

@@ -233,11 +233,11 @@ class JudgeScorer:
                      for p, r in zip(prompts, responses, strict=True)]
             try:
                 return await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
+            finally:  # after an abort: stop what still runs, collect every outcome, then close
+                every = [*tasks, *run.references.values()]
+                for task in every:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+                await asyncio.gather(*every, return_exceptions=True)
 
     async def _pair(self, run: _Run, prompt: str, answer: str | None):
         if answer is None:
