@@ -11,6 +11,8 @@
 - knowledge: lm-eval accuracy of a HF folder (optionally with vectors applied in place).
 - judge: the LLM judge (prefvec_ds.eval.judge) on a jsonl of {prompt, answer} or
   {prompt, answers: [...]} rows (the eval stage's answers.jsonl), scores and counters as JSON.
+- convert-safe-rlhf: a safe-rlhf score model (beaver-7b reward / cost, `LlamaForScore`) as a HF
+  `LlamaForSequenceClassification` folder that {kind: reward_model|cost_model} reads.
 """
 
 from __future__ import annotations
@@ -85,6 +87,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--cache-dir", default="", help="default ~/.cache/prefvec-ds/judge; off")
     p.add_argument("--out", help="write scores, means and counters as JSON here")
     p.set_defaults(func=run_judge)
+
+    p = cmds.add_parser("convert-safe-rlhf", help="safe-rlhf score model (LlamaForScore) -> "
+                                                  "HF LlamaForSequenceClassification folder")
+    p.add_argument("source", help="folder of the safe-rlhf model (config.json + safetensors "
+                                  "or pytorch_model*.bin)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--max-shard-size", default="5GB", help="shard budget (default 5GB)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_convert_safe_rlhf)
 
 
 def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
@@ -378,3 +389,13 @@ def run_judge(args: argparse.Namespace) -> int:
         write_json_atomic(Path(args.out), result)
     return 0
 
+
+def run_convert_safe_rlhf(args: argparse.Namespace) -> int:
+    from prefvec_ds.ckpt.writer import parse_size  # noqa: PLC0415
+    from prefvec_ds.models.safe_rlhf import convert_safe_rlhf  # noqa: PLC0415
+
+    report = convert_safe_rlhf(Path(args.source), Path(args.out), parse_size(args.max_shard_size),
+                               args.overwrite)
+    print(f"wrote {args.out}: LlamaForSequenceClassification, {report['tensors']} tensors "
+          f"({report['score_type']} model; score_head -> score)")
+    return 0
