@@ -12,7 +12,9 @@ run which only uses rules never imports a reward-model backbone:
   sequence-classification reward model;
 - `refusal`: the refusal detector (refused = 1.0);
 - `judge`: an LLM judge on any OpenAI-compatible server, the paper's two-step protocol
-  (judge_helpful, judge_harmless, 1-10; prefvec_ds.eval.judge).
+  (judge_helpful, judge_harmless, 1-10; prefvec_ds.eval.judge);
+- `safety_classifier`: a causal LM as a Llama-Guard-style classifier (guard_safe = P(safe) of
+  its next token; prefvec_ds.eval.safety_classifier).
 """
 
 from __future__ import annotations
@@ -59,11 +61,13 @@ SCORER_KINDS = {
     "refusal": "prefvec_ds.eval.refusal:RefusalScorer",
     "rules_dual": "prefvec_ds.mora.scoring:DualRuleScorer",  # helpful+harmless on every prompt
     "judge": "prefvec_ds.eval.judge:JudgeScorer",
+    "safety_classifier": "prefvec_ds.eval.safety_classifier:SafetyClassifierScorer",
 }
 #: kind -> "module:Dataclass" of its options (torch-free), checked when a config is loaded, so a
 #: bad judge option fails before hours of training rather than at the eval stage.
 SCORER_OPTIONS = {
     "judge": "prefvec_ds.eval.judge:JudgeConfig",
+    "safety_classifier": "prefvec_ds.eval.safety_classifier:SafetyClassifierConfig",
 }
 
 
