@@ -20,6 +20,7 @@ are printed after every call and kept in `scorer.last` / `scorer.counters`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -186,6 +187,16 @@ class JudgeCache:
                                                     "protocol": self.protocol, **record})
 
 
+def _run_coroutine(coro):
+    """asyncio.run, also from inside a running event loop (a notebook): then in a thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 class _Run:
     """State of one score() call shared by its pair tasks."""
 
@@ -216,21 +227,24 @@ class JudgeScorer:
               ) -> dict[str, list[float | None]]:
         counters = JudgeCounters()
         t0 = time.monotonic()
+        pairs = [(prompt_text(p), r) for p, r in zip(prompts, responses, strict=True)]
+        unique = list(dict.fromkeys(pair for pair in pairs if pair[1] is not None))
         try:
-            verdicts = asyncio.run(self._score_all(prompts, responses, counters))
+            judged = dict(zip(unique, _run_coroutine(self._score_all(unique, counters))))
         finally:
             counters.wall_s = round(time.monotonic() - t0, 3)
             self.last = counters
             self.counters.add(counters)
             print(f"[judge] {self.config.model}: {counters.line()}", flush=True)
+        verdicts = [judged.get(pair) for pair in pairs]
         return {"judge_helpful": [v[0] if v else None for v in verdicts],
                 "judge_harmless": [v[1] if v else None for v in verdicts]}
 
-    async def _score_all(self, prompts, responses, counters) -> list:
+    async def _score_all(self, pairs: list[tuple[str, str]], counters) -> list:
+        """Verdicts of distinct (prompt text, answer) pairs, judged concurrently."""
         async with ChatClient(self.config, self.api_key, counters) as client:
             run = _Run(client, counters)
-            tasks = [asyncio.ensure_future(self._pair(run, prompt_text(p), r))
-                     for p, r in zip(prompts, responses, strict=True)]
+            tasks = [asyncio.ensure_future(self._pair(run, p, a)) for p, a in pairs]
             try:
                 return await asyncio.gather(*tasks)
             finally:  # after an abort: stop what still runs, collect every outcome, then close
@@ -239,9 +253,7 @@ class JudgeScorer:
                     task.cancel()
                 await asyncio.gather(*every, return_exceptions=True)
 
-    async def _pair(self, run: _Run, prompt: str, answer: str | None):
-        if answer is None:
-            return None
+    async def _pair(self, run: _Run, prompt: str, answer: str):
         run.counters.pairs += 1
         hit = self.cache.get("rating", prompt, answer) if self.cache else None
         if hit is not None and (hit.get("scores") or not self.config.retry_missing):
@@ -303,3 +315,40 @@ class JudgeScorer:
             replies.append(await run.client.chat(messages, self.config.rating_max_tokens))
             scores = parse_rating(replies[1])
         return scores, replies
+
+
+def read_rows_file(path: str) -> tuple[list[Messages], list[str | None]]:
+    """(prompts, answers) from a jsonl of {prompt, answer} or {prompt, answers: [...]} rows
+    (the eval stage's answers.jsonl); a null answer stays unscored."""
+    from prefvec_ds.data.pairs import user_prompt  # noqa: PLC0415
+
+    if not Path(path).is_file():
+        raise PrefvecError(f"rows file {path} does not exist")
+    prompts, answers = [], []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        texts = row.get("answers", [row.get("answer", ...)]) if isinstance(row, dict) else None
+        if not (isinstance(texts, list) and isinstance(row.get("prompt"), str) and all(
+                t is None or isinstance(t, str) for t in texts)):
+            raise PrefvecError(f"{path}:{i}: expected a JSON object with a string prompt and "
+                               "an answer (string or null) or answers (a list of them)")
+        prompts += [user_prompt(row["prompt"])] * len(texts)
+        answers += texts
+    return prompts, answers
+
+
+def judge_rows_file(path: str, **options) -> dict:
+    """`prefvec scorers judge`: {judge, means, counters, scores} of a rows file."""
+    from prefvec_ds.eval.scorers import mean_scores  # noqa: PLC0415
+
+    prompts, answers = read_rows_file(path)
+    scorer = JudgeScorer(**options)
+    scores = scorer.score(prompts, answers)
+    return {"judge": {"base_url": scorer.config.base_url, "model": scorer.config.model,
+                      "protocol": scorer.config.protocol},
+            "means": mean_scores(scores), "counters": scorer.last.as_dict(), "scores": scores}

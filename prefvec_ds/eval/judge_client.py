@@ -26,7 +26,7 @@ class JudgeCounters:
     """What judging cost; summed over calls by the scorer (`counters`), per call in `last`."""
 
     pairs: int = 0
-    """(prompt, answer) pairs asked for."""
+    """Distinct (prompt, answer) pairs asked for (a repeated pair is judged once per call)."""
     requests: int = 0
     """HTTP requests sent, retries included."""
     cache_hits: int = 0

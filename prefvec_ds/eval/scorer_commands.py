@@ -343,52 +343,22 @@ def _knowledge_model(args) -> tuple:
     return model, tokenizer
 
 
-def read_judge_rows(path: str) -> tuple[list, list]:
-    """(prompts as Messages, answers) from {prompt, answer} / {prompt, answers} rows."""
-    from prefvec_ds.data.pairs import user_prompt  # noqa: PLC0415
-
-    if not Path(path).is_file():
-        raise PrefvecError(f"rows file {path} does not exist")
-    prompts, answers = [], []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
-        texts = row.get("answers", [row.get("answer", ...)]) if isinstance(row, dict) else None
-        if not (isinstance(texts, list) and isinstance(row.get("prompt"), str) and all(
-                t is None or isinstance(t, str) for t in texts)):
-            raise PrefvecError(f"{path}:{i}: expected a JSON object with a string prompt and "
-                               "an answer (string or null) or answers (a list of them)")
-        prompts += [user_prompt(row["prompt"])] * len(texts)
-        answers += texts
-    return prompts, answers
-
 
 def run_judge(args: argparse.Namespace) -> int:
-    from prefvec_ds.eval.judge import JudgeScorer  # noqa: PLC0415
-    from prefvec_ds.eval.scorers import mean_scores  # noqa: PLC0415
+    from prefvec_ds.eval.judge import judge_rows_file  # noqa: PLC0415
 
-    prompts, answers = read_judge_rows(args.rows)
-    scorer = JudgeScorer(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-                         max_concurrency=args.max_concurrency, cache_dir=args.cache_dir)
-    scores = scorer.score(prompts, answers)
-    result = {"judge": {"base_url": args.base_url, "model": args.model,
-                        "protocol": scorer.config.protocol},
-              "means": mean_scores(scores), "counters": scorer.last.as_dict(), "scores": scores}
-    for axis, value in result["means"].items():
-        if not axis.startswith("n_"):
-            shown = "none scored" if value is None else f"{value:.3f}"
-            print(f"{axis}: {shown} (n={result['means'][f'n_{axis}']} of {len(answers)})")
+    result = judge_rows_file(args.rows, base_url=args.base_url, model=args.model,
+                             api_key_env=args.api_key_env, max_concurrency=args.max_concurrency,
+                             cache_dir=args.cache_dir)
+    for axis in ("judge_helpful", "judge_harmless"):
+        value, n = result["means"][axis], result["means"][f"n_{axis}"]
+        shown = "none scored" if value is None else f"{value:.3f}"
+        print(f"{axis}: {shown} (n={n} of {len(result['scores'][axis])})")
     if args.out:
         from prefvec_ds.atomic import write_json_atomic  # noqa: PLC0415
 
         write_json_atomic(Path(args.out), result)
     return 0
-
 
 def run_convert_safe_rlhf(args: argparse.Namespace) -> int:
     from prefvec_ds.ckpt.writer import parse_size  # noqa: PLC0415

@@ -14,7 +14,8 @@ and `llama/modeling_llama.py` `LlamaForScore`):
 HF's LlamaForSequenceClassification has the same backbone under `model.*` and a bias-free
 `score` Linear(hidden, num_labels) read at the last non-pad token. So `model.*` is copied byte
 for byte, `score_head.weight` becomes `score.weight` (with a scale normalisation folded in),
-the normalizer buffers, any `lm_head` and old `rotary_emb.inv_freq` buffers are dropped. A non-zero head bias or an affine
+the normalizer buffers, any `lm_head` and old
+`rotary_emb.inv_freq` buffers are dropped. A non-zero head bias or an affine
 normalisation with a non-zero mean has no place in the HF head and is refused.
 
 Tensors stream one at a time (safetensors headers / the allow-list unpickler give names,

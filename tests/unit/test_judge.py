@@ -131,6 +131,22 @@ def test_concurrency_bound_and_shared_references(tmp_path):
     assert len(server.bodies) == 16
 
 
+def test_a_repeated_pair_is_judged_once_per_call(server, tmp_path):
+    scorer = judge(server, tmp_path, cache_dir="off")
+    out = scorer.score([user_prompt("q")] * 3 + [user_prompt("q2")], ["a", "a", None, "a"])
+    assert out["judge_helpful"] == [5.0, 5.0, None, 5.0]
+    assert scorer.last.pairs == 2 and len(server.bodies) == 4
+
+
+def test_callable_from_inside_a_running_event_loop(server, tmp_path):
+    import asyncio
+
+    async def caller():
+        return judge(server, tmp_path).score([user_prompt("q")], ["a"])
+
+    assert asyncio.run(caller())["judge_harmless"] == [6.0]
+
+
 def test_client_error_stops_at_once_with_the_servers_message(server, tmp_path):
     server.script = [("status", 400)]
     with pytest.raises(PrefvecError, match="HTTP 400 for model 'm'.*scripted 400"):
