@@ -77,6 +77,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run_knowledge)
 
+    _add_judge_parsers(cmds)
+
+
+def _add_judge_parsers(cmds) -> None:
+    """judge and convert-safe-rlhf (the paper's judges)."""
     p = cmds.add_parser("judge", help="score {prompt, answer} rows with an LLM judge on an "
                                       "OpenAI-compatible server")
     p.add_argument("rows", help="jsonl of {prompt, answer} or {prompt, answers: [...]} rows")
@@ -96,7 +101,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="shard budget (default 5GB)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_convert_safe_rlhf)
-
 
 def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
                **options):
