@@ -102,6 +102,7 @@ def _add_judge_parsers(cmds) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=run_convert_safe_rlhf)
 
+
 def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
                **options):
     from prefvec_ds.train.rm import RMConfig, RMTrainConfig  # noqa: PLC0415
