@@ -73,6 +73,8 @@ class SafetyClassifierConfig:
               "an integer >= 1", self.batch_size)
         check(isinstance(self.max_len, int) and self.max_len >= 16, f"{where}.max_len",
               "an integer >= 16", self.max_len)
+        check(isinstance(self.device, str), f"{where}.device", "cpu, cuda, cuda:N or ''",
+              self.device)
 
 
 def first_tokens(tokenizer, word: str) -> set[int]:
