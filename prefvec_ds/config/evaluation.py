@@ -168,11 +168,12 @@ class EvalConfig:
             isinstance(s, str) or (isinstance(s, dict) and "kind" in s) for s in self.scorers),
             "pipeline.eval.scorers", "a list of scorer kinds or {kind: ...} mappings",
             self.scorers)
-        from prefvec_ds.eval.scorers import SCORER_KINDS  # noqa: PLC0415 (config loads first)
+        from prefvec_ds.eval.scorers import SCORER_KINDS, check_scorer_options  # noqa: PLC0415
 
         for spec in self.scorers:
             kind = spec if isinstance(spec, str) else spec["kind"]
             check(kind in SCORER_KINDS, "pipeline.eval.scorers", " | ".join(SCORER_KINDS), kind)
+            check_scorer_options(spec)  # e.g. a judge's base_url, before any stage runs
         check(self.margin_pairs >= 0, "pipeline.eval.margin_pairs", ">= 0", self.margin_pairs)
         check(self.cpu_threads >= 0, "pipeline.eval.cpu_threads", ">= 0", self.cpu_threads)
         check(self.samples_in_report >= 0, "pipeline.eval.samples_in_report", ">= 0",

@@ -9,6 +9,10 @@
 - pku-pairs: the PKU-SafeRLHF realign file ({prompt, response: [safer, worse]}) as a
   {prompt, chosen, rejected} jsonl that `source: jsonl` reads (recipes/scorers/cost-pku.yaml).
 - knowledge: lm-eval accuracy of a HF folder (optionally with vectors applied in place).
+- judge: the LLM judge (prefvec_ds.eval.judge) on a jsonl of {prompt, answer} or
+  {prompt, answers: [...]} rows (the eval stage's answers.jsonl), scores and counters as JSON.
+- convert-safe-rlhf: a safe-rlhf score model (beaver-7b reward / cost, `LlamaForScore`) as a HF
+  `LlamaForSequenceClassification` folder that {kind: reward_model|cost_model} reads.
 """
 
 from __future__ import annotations
@@ -72,6 +76,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--chat-template", action="store_true", help="apply the chat template")
     p.add_argument("--out", help="write the results as JSON here")
     p.set_defaults(func=run_knowledge)
+
+    _add_judge_parsers(cmds)
+
+
+def _add_judge_parsers(cmds) -> None:
+    """judge and convert-safe-rlhf (the paper's judges)."""
+    p = cmds.add_parser("judge", help="score {prompt, answer} rows with an LLM judge on an "
+                                      "OpenAI-compatible server")
+    p.add_argument("rows", help="jsonl of {prompt, answer} or {prompt, answers: [...]} rows")
+    p.add_argument("--base-url", required=True, help="API root, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="model name the server serves")
+    p.add_argument("--api-key-env", default="", help="NAME of the variable holding the key")
+    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--cache-dir", default="", help="default ~/.cache/prefvec-ds/judge; off")
+    p.add_argument("--out", help="write scores, means and counters as JSON here")
+    p.set_defaults(func=run_judge)
+
+    p = cmds.add_parser("convert-safe-rlhf", help="safe-rlhf score model (LlamaForScore) -> "
+                                                  "HF LlamaForSequenceClassification folder")
+    p.add_argument("source", help="folder of the safe-rlhf model (config.json + safetensors "
+                                  "or pytorch_model*.bin)")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--max-shard-size", default="5GB", help="shard budget (default 5GB)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=run_convert_safe_rlhf)
 
 
 def _rm_config(kind: str, name: str, out: Path, data: dict, backbone: str, steps: int,
@@ -317,3 +346,31 @@ def _knowledge_model(args) -> tuple:
     model, tokenizer = load_policy(args.model)
     apply_vectors(model, _parse_vectors(args.vector))
     return model, tokenizer
+
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    from prefvec_ds.eval.judge import judge_rows_file  # noqa: PLC0415
+
+    result = judge_rows_file(args.rows, base_url=args.base_url, model=args.model,
+                             api_key_env=args.api_key_env, max_concurrency=args.max_concurrency,
+                             cache_dir=args.cache_dir)
+    for axis in ("judge_helpful", "judge_harmless"):
+        value, n = result["means"][axis], result["means"][f"n_{axis}"]
+        shown = "none scored" if value is None else f"{value:.3f}"
+        print(f"{axis}: {shown} (n={n} of {len(result['scores'][axis])})")
+    if args.out:
+        from prefvec_ds.atomic import write_json_atomic  # noqa: PLC0415
+
+        write_json_atomic(Path(args.out), result)
+    return 0
+
+def run_convert_safe_rlhf(args: argparse.Namespace) -> int:
+    from prefvec_ds.ckpt.writer import parse_size  # noqa: PLC0415
+    from prefvec_ds.models.safe_rlhf import convert_safe_rlhf  # noqa: PLC0415
+
+    report = convert_safe_rlhf(Path(args.source), Path(args.out), parse_size(args.max_shard_size),
+                               args.overwrite)
+    print(f"wrote {args.out}: LlamaForSequenceClassification, {report['tensors']} tensors "
+          f"({report['score_type']} model; score_head -> score)")
+    return 0

@@ -10,12 +10,17 @@ run which only uses rules never imports a reward-model backbone:
 - `rules`: the embedded world's rule scores (helpful, harmless, over_refusal, verbosity);
 - `reward_model` / `cost_model`: a trained preference model (`prefvec train rm|cost`) or any HF
   sequence-classification reward model;
-- `refusal`: the refusal detector (refused = 1.0).
+- `refusal`: the refusal detector (refused = 1.0);
+- `judge`: an LLM judge on any OpenAI-compatible server, the paper's two-step protocol
+  (judge_helpful, judge_harmless, 1-10; prefvec_ds.eval.judge);
+- `safety_classifier`: a causal LM as a Llama-Guard-style classifier (guard_safe = P(safe) of
+  its next token; prefvec_ds.eval.safety_classifier).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import fields
 from typing import Protocol, Sequence
 
 from prefvec_ds import PrefvecError
@@ -55,7 +60,31 @@ SCORER_KINDS = {
     "cost_model": "prefvec_ds.eval.preference_model:CostModelScorer",
     "refusal": "prefvec_ds.eval.refusal:RefusalScorer",
     "rules_dual": "prefvec_ds.mora.scoring:DualRuleScorer",  # helpful+harmless on every prompt
+    "judge": "prefvec_ds.eval.judge:JudgeScorer",
+    "safety_classifier": "prefvec_ds.eval.safety_classifier:SafetyClassifierScorer",
 }
+#: kind -> "module:Dataclass" of its options (torch-free), checked when a config is loaded, so a
+#: bad judge option fails before hours of training rather than at the eval stage.
+SCORER_OPTIONS = {
+    "judge": "prefvec_ds.eval.judge:JudgeConfig",
+    "safety_classifier": "prefvec_ds.eval.safety_classifier:SafetyClassifierConfig",
+}
+
+
+def check_scorer_options(spec: dict | str) -> None:
+    """Build the options dataclass of a spec whose kind has one (its __post_init__ checks)."""
+    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in SCORER_OPTIONS:
+        return
+    module, cls = SCORER_OPTIONS[kind].split(":")
+    options_cls = getattr(importlib.import_module(module), cls)
+    known = [f.name for f in fields(options_cls)]
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise PrefvecError(f"scorer {kind}: unknown option(s) {', '.join(unknown)}; expected "
+                           f"some of {', '.join(known)}")
+    options_cls(**spec)
 
 
 def build_scorer(spec: dict | str) -> Scorer:
