@@ -19,7 +19,7 @@ from typing import Sequence
 
 from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages, user_prompt
-from prefvec_ds.mora.config import RewriterConfig
+from prefvec_ds.config.mora import RewriterConfig
 
 Target = tuple[int, Messages, list[str]]
 """(pool id, prompt, dimensions its answers never reach)"""

@@ -12,16 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def check(cond: bool, param: str, expected: str, got) -> None:
-    """prefvec_ds.config.checks.check, imported when first used: prefvec_ds.config imports
-    this module while it initialises, so a module-level import would be circular."""
-    from prefvec_ds.config.checks import check as config_check  # noqa: PLC0415
-
-    config_check(cond, param, expected, got)
+from prefvec_ds.config.checks import check, check_choice
+from prefvec_ds.config.choices import POOL_SOURCES
+from prefvec_ds.config.evaluation import VllmOptions
 
 
-POOL_SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "prompts")
 REWRITER_KINDS = ("structured", "hf")
 ORDERS = ("harmful_first", "benign_first", "random")
 DEFAULT_TEMPLATE = (
@@ -35,9 +30,9 @@ class PoolConfig:
     """Where the prompts to mine come from."""
 
     source: str = "embedded"
-    """embedded (the run's generated data), pku_saferlhf | hh_rlhf | jsonl (the prompts of a
-    preference file), or prompts (a .txt with one prompt per line, or json/jsonl rows with a
-    `prompt` field)."""
+    """embedded (the run's generated data), another preference source but mora (the prompts of
+    its file: pku_saferlhf | hh_rlhf | jsonl), or prompts (a .txt with one prompt per line, or
+    json/jsonl rows with a `prompt` field). The list is prefvec_ds.config.choices.POOL_SOURCES."""
     path: str = ""
     """File (or `datasets` hub name) for every source but embedded."""
     split: str = "train"
@@ -49,8 +44,7 @@ class PoolConfig:
     MORA pairs must not train on them)."""
 
     def __post_init__(self):
-        check(self.source in POOL_SOURCES, "pipeline.mora.pool.source", " | ".join(POOL_SOURCES),
-              self.source)
+        check_choice(self.source, POOL_SOURCES, "pipeline.mora.pool.source")
         check(self.source == "embedded" or bool(self.path), "pipeline.mora.pool.path",
               f"a file for source {self.source}", self.path)
         check(self.max_prompts >= 0, "pipeline.mora.pool.max_prompts", ">= 0", self.max_prompts)
@@ -131,7 +125,7 @@ class MoraConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     """The prompts to mine."""
     scorers: list[dict] = field(default_factory=_default_scorers)
-    """Scorer specs {kind, **options} (prefvec_ds.eval.scorers.SCORER_KINDS): rules_dual for
+    """Scorer specs {kind, **options} (prefvec_ds.config.choices.ScorerKind): rules_dual for
     the embedded world; on real data e.g. [{kind: reward_model, ...}, {kind: cost_model, ...}]."""
     dimensions: dict[str, DimensionConfig] = field(default_factory=_default_dimensions)
     """Reward dimensions, name -> {axis, higher_is_better, high, weight, missing}; add
@@ -158,7 +152,7 @@ class MoraConfig:
     dtype: str = "fp32"
     """Policy weights dtype for generation (fp32 | bf16 | fp16); also vLLM's unless vllm.dtype
     says otherwise."""
-    vllm: VllmOptions = field(default_factory=lambda: VllmOptions())
+    vllm: VllmOptions = field(default_factory=VllmOptions)
     """vLLM engine settings of the sampling policy (one engine per shard, on the shard's GPU)."""
     cpu_threads: int = 1
     """torch threads per shard process on CPU (0 = torch's default). Sampling batches are
@@ -239,9 +233,3 @@ class MoraConfig:
                 out.append(src)
             mixed[name] = out
         self.mix_into = mixed
-
-
-# At the end, not the top: prefvec_ds.config (imported by this) imports this module while it
-# initialises; the dataclass needs VllmOptions only when an instance is made or its type hints
-# are read (the loader), both after this line ran.
-from prefvec_ds.config.evaluation import VllmOptions  # noqa: E402
