@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefvec_ds.config.checks import check, check_choice
-from prefvec_ds.config.choices import POOL_SOURCES
+from prefvec_ds.config.choices import POOL_SOURCES, ScorerKind
 from prefvec_ds.config.evaluation import VllmOptions
 
 
@@ -187,6 +187,9 @@ class MoraConfig:
         check(isinstance(self.scorers, list) and len(self.scorers) > 0
               and all(isinstance(s, (dict, str)) for s in self.scorers),
               "pipeline.mora.scorers", "a non-empty list of {kind: ...}", self.scorers)
+        for spec in self.scorers:
+            check_choice(spec if isinstance(spec, str) else spec.get("kind"), ScorerKind,
+                         "pipeline.mora.scorers")
         check(self.pass_n >= 1, "pipeline.mora.pass_n", ">= 1", self.pass_n)
         check(self.selfplay_k >= 2, "pipeline.mora.selfplay_k", ">= 2 (a pair needs two)",
               self.selfplay_k)
