@@ -7,6 +7,8 @@ table. These tests are what ties the two together.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from prefvec_ds import PrefvecError
@@ -44,18 +46,29 @@ def test_every_stage_kind_is_built_by_the_dag(tmp_path):
     assert sorted(set(built), key=built.index) == list(STAGE_KINDS)  # STAGE_KINDS is DAG order
 
 
-def test_pool_sources_follow_the_preference_sources():
-    assert choices.POOL_SOURCES == ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "prompts")
+def test_pool_takes_every_preference_source_but_mora():
+    preference_sources = set(names(choices.PreferenceSource))
+    assert set(choices.POOL_SOURCES) == preference_sources - {"mora"} | {"prompts"}
+
+
+def expected(choice, sep: str = " | ") -> str:
+    """The names of a Literal (or a tuple) as the error message lists them, as a regex."""
+    return re.escape(sep.join(choice if isinstance(choice, tuple) else names(choice)))
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dpo.loss_type=kto", r"dpo.loss_type: expected sigmoid\|ipo\|hinge, got 'kto'"),
-    ("data.preferences.helpful.source=csv",
-     r"data.preferences.<name>.source: expected embedded\|pku_saferlhf\|hh_rlhf\|jsonl\|mora"),
-    ("pipeline.eval.scorers=[judge]", r"pipeline.eval.scorers: expected rules \| reward_model"),
-    ("pipeline.mora.scorers=[{kind: judge}]", r"pipeline.mora.scorers: expected rules \| "),
-    ("pipeline.mora.pool.source=mora", r"pipeline.mora.pool.source: expected embedded \|"),
-    ("pipeline.slurm.time.train='01:00:00'", r"pipeline.slurm.time: expected keys among sft,"),
+    ("dpo.loss_type=kto",
+     rf"dpo.loss_type: expected {expected(choices.LossType, '|')}, got 'kto'"),
+    ("data.preferences.helpful.source=csv", r"data.preferences.<name>.source: expected "
+     rf"{expected(choices.PreferenceSource, '|')}, got 'csv'"),
+    ("pipeline.eval.scorers=[judge]",
+     rf"pipeline.eval.scorers: expected {expected(choices.ScorerKind)}, got 'judge'"),
+    ("pipeline.mora.scorers=[{kind: judge}]",
+     rf"pipeline.mora.scorers: expected {expected(choices.ScorerKind)}, got 'judge'"),
+    ("pipeline.mora.pool.source=mora",
+     rf"pipeline.mora.pool.source: expected {expected(choices.POOL_SOURCES)}, got 'mora'"),
+    ("pipeline.slurm.time.train='01:00:00'",
+     rf"pipeline.slurm.time: expected keys among {expected(choices.StageKind, ', ')}"),
 ])
 def test_a_name_outside_the_table_is_one_clear_line(override, message):
     with pytest.raises(PrefvecError, match=message):
