@@ -9,6 +9,7 @@ adding a loss, a preference source, a scorer or a stage kind is one name here pl
     LossType          prefvec_ds.train.losses.LOSSES
     PreferenceSource  prefvec_ds.data.sources.PREFERENCE_LOADERS (MORA's pool takes them too)
     ScorerKind        prefvec_ds.eval.scorers.SCORER_KINDS
+    RewriterKind      prefvec_ds.mora.rewrite.REWRITERS
     StageKind         prefvec_ds.config.pipeline.DEFAULT_TIMES and the stages of
                       prefvec_ds.pipeline.dag.build_dag
 """
@@ -26,6 +27,9 @@ PreferenceSource = Literal["embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora
 
 ScorerKind = Literal["rules", "reward_model", "cost_model", "refusal", "rules_dual"]
 """pipeline.eval.scorers[].kind and pipeline.mora.scorers[].kind."""
+
+RewriterKind = Literal["structured", "hf"]
+"""pipeline.mora.rewriter.kind: structured (the embedded world) or hf (a prompted causal LM)."""
 
 StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "eval"]
 """Kinds of pipeline stages, in DAG order (`pipeline.slurm.time` has one limit per kind)."""

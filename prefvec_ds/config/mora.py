@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefvec_ds.config.checks import check, check_choice
-from prefvec_ds.config.choices import POOL_SOURCES, ScorerKind
+from prefvec_ds.config.choices import POOL_SOURCES, RewriterKind, ScorerKind
 from prefvec_ds.config.evaluation import VllmOptions
 
 
-REWRITER_KINDS = ("structured", "hf")
 ORDERS = ("harmful_first", "benign_first", "random")
 DEFAULT_TEMPLATE = (
     "Rewrite the user request below into ONE request that keeps it and also asks for "
@@ -73,7 +72,7 @@ class DimensionConfig:
 class RewriterConfig:
     """Intent fusion: how a single-reward prompt becomes a multi-intent prompt."""
 
-    kind: str = "structured"
+    kind: RewriterKind = "structured"
     """structured (the embedded world: fuse the prompt with a generated intent of the missing
     dimension) or hf (any HF causal LM prompted with `template`)."""
     model: str = ""
@@ -92,8 +91,7 @@ class RewriterConfig:
     """hf: weights dtype (fp32 | bf16 | fp16)."""
 
     def __post_init__(self):
-        check(self.kind in REWRITER_KINDS, "pipeline.mora.rewriter.kind",
-              " | ".join(REWRITER_KINDS), self.kind)
+        check_choice(self.kind, RewriterKind, "pipeline.mora.rewriter.kind")
         check("{prompt}" in self.template, "pipeline.mora.rewriter.template",
               "a text containing {prompt}", self.template)
         check(self.max_new_tokens >= 1, "pipeline.mora.rewriter.max_new_tokens", ">= 1",

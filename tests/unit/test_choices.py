@@ -18,6 +18,7 @@ from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.pipeline import DEFAULT_TIMES, STAGE_KINDS
 from prefvec_ds.data.sources import PREFERENCE_LOADERS
 from prefvec_ds.eval.scorers import SCORER_KINDS
+from prefvec_ds.mora.rewrite import REWRITERS
 from prefvec_ds.pipeline.dag import build_dag
 from prefvec_ds.train.losses import LOSSES
 from tests.conftest import REPO
@@ -29,8 +30,9 @@ pytestmark = pytest.mark.unit
     (choices.LossType, LOSSES),
     (choices.PreferenceSource, PREFERENCE_LOADERS),
     (choices.ScorerKind, SCORER_KINDS),
+    (choices.RewriterKind, REWRITERS),
     (choices.StageKind, DEFAULT_TIMES),
-], ids=["losses", "preference sources", "scorers", "stage times"])
+], ids=["losses", "preference sources", "scorers", "rewriters", "stage times"])
 def test_literal_names_the_implementation_table(choice, table):
     assert set(names(choice)) == set(table), (
         f"config.choices and the implementation table disagree: only in config "
@@ -65,6 +67,8 @@ def expected(choice, sep: str = " | ") -> str:
      rf"pipeline.eval.scorers: expected {expected(choices.ScorerKind)}, got 'judge'"),
     ("pipeline.mora.scorers=[{kind: judge}]",
      rf"pipeline.mora.scorers: expected {expected(choices.ScorerKind)}, got 'judge'"),
+    ("pipeline.mora.rewriter.kind=llm",
+     rf"pipeline.mora.rewriter.kind: expected {expected(choices.RewriterKind)}, got 'llm'"),
     ("pipeline.mora.pool.source=mora",
      rf"pipeline.mora.pool.source: expected {expected(choices.POOL_SOURCES)}, got 'mora'"),
     ("pipeline.slurm.time.train='01:00:00'",
