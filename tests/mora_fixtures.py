@@ -32,7 +32,7 @@ def mora_cfg(run_dir: Path, policy: Path, *overrides: str):
     """The MORA recipe shrunk for tests: 24 pool prompts, N = K = 8, chunks of 4, no figures
     (matplotlib's rendering would be most of a test's time)."""
     from prefvec_ds.config.loader import load_config
-    from prefvec_ds.mora.pairs_io import expand_preference_paths
+    from prefvec_ds.data.sources import expand_preference_paths
 
     cfg = load_config(RECIPE, [f"run_dir={run_dir}", f"pipeline.mora.policy={policy}",
                                "pipeline.mora.pool.max_prompts=24", "pipeline.mora.pass_n=8",

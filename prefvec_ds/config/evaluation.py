@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefvec_ds.config.checks import check
+from prefvec_ds.config.checks import check, check_choice
+from prefvec_ds.config.choices import ScorerKind
 
 GRIDS = ("auto", "product", "pairs", "axes")
 BACKENDS = ("auto", "transformers", "vllm")
@@ -125,7 +126,7 @@ class EvalConfig:
     scorers: list = field(default_factory=_default_scorers)
     """Scorer specs, each a kind or {kind: ..., options}: rules (the embedded world's helpful,
     harmless = refusal of harmful prompts, over_refusal, verbosity), reward_model, cost_model,
-    refusal (prefvec_ds.eval.scorers)."""
+    refusal (names: prefvec_ds.config.choices.ScorerKind; code: prefvec_ds.eval.scorers)."""
     margin_pairs: int = 200
     """Held-out pairs per preference whose log-prob margin log p(chosen) - log p(rejected)
     (and accuracy: the share with a positive margin) is measured at every point; 0: off.
@@ -168,12 +169,9 @@ class EvalConfig:
             isinstance(s, str) or (isinstance(s, dict) and "kind" in s) for s in self.scorers),
             "pipeline.eval.scorers", "a list of scorer kinds or {kind: ...} mappings",
             self.scorers)
-        from prefvec_ds.eval.scorers import SCORER_KINDS, check_scorer_options  # noqa: PLC0415
-
         for spec in self.scorers:
             kind = spec if isinstance(spec, str) else spec["kind"]
-            check(kind in SCORER_KINDS, "pipeline.eval.scorers", " | ".join(SCORER_KINDS), kind)
-            check_scorer_options(spec)  # e.g. a judge's base_url, before any stage runs
+            check_choice(kind, ScorerKind, "pipeline.eval.scorers")
         check(self.margin_pairs >= 0, "pipeline.eval.margin_pairs", ">= 0", self.margin_pairs)
         check(self.cpu_threads >= 0, "pipeline.eval.cpu_threads", ">= 0", self.cpu_threads)
         check(self.samples_in_report >= 0, "pipeline.eval.samples_in_report", ">= 0",

@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prefvec_ds.config.checks import check as _check
+from prefvec_ds.config.choices import StageKind, names
 from prefvec_ds.config.evaluation import EvalConfig
-from prefvec_ds.mora.config import MoraConfig
+from prefvec_ds.config.mora import MoraConfig
 
 #: Stage kinds in DAG order; `slurm.time` has one limit per kind.
-STAGE_KINDS = ("sft", "mora", "ref_logps", "dpo", "vectors", "merge", "eval")
-DEFAULT_TIMES = {"sft": "04:00:00", "mora": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
-                 "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
+STAGE_KINDS = names(StageKind)
+DEFAULT_TIMES: dict[StageKind, str] = {
+    "sft": "04:00:00", "mora": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
+    "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
-
 
 
 @dataclass

@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.checks import check as _check
+from prefvec_ds.config.checks import check_choice
+from prefvec_ds.config.choices import LossType, PreferenceSource
 from prefvec_ds.config.pipeline import PipelineConfig
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora")  # mora: prefvec mora's pairs
-
 
 
 @dataclass
@@ -36,9 +34,10 @@ class ModelConfig:
 
 @dataclass
 class PreferenceConfig:
-    source: str = "embedded"
+    source: PreferenceSource = "embedded"
     """Where pairs come from: embedded | pku_saferlhf | hh_rlhf | jsonl | mora (pairs written by
-    the MORA stage; `path: "{run_dir}/mora/pairs.jsonl"` or a `mixed/<name>.jsonl`)."""
+    the MORA stage; `path: "{run_dir}/mora/pairs.jsonl"` or a `mixed/<name>.jsonl`). The names:
+    prefvec_ds.config.choices.PreferenceSource; the readers: prefvec_ds.data.sources."""
     path: str = ""
     """Local json/jsonl/jsonl.gz/parquet file, or a `datasets` hub name (pku_saferlhf, hh_rlhf)."""
     order_by: str = "better_response_id"
@@ -53,8 +52,7 @@ class PreferenceConfig:
     """Fraction of pairs held out (deterministically, by a hash of the pair) for eval metrics."""
 
     def __post_init__(self):
-        _check(self.source in SOURCES, "data.preferences.<name>.source", "|".join(SOURCES),
-               self.source)
+        check_choice(self.source, PreferenceSource, "data.preferences.<name>.source", sep="|")
         _check(self.order_by.endswith("_response_id"), "data.preferences.<name>.order_by",
                "a *_response_id column such as better_response_id", self.order_by)
         _check(self.source == "embedded" or bool(self.path), "data.preferences.<name>.path",
@@ -157,8 +155,8 @@ class DPOConfig(OptimConfig):
 
     beta: float = 0.1
     """Strength of the KL anchor to theta_base; the implicit reward is beta * log-ratio."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO) | ipo | hinge."""
+    loss_type: LossType = "sigmoid"
+    """sigmoid (DPO) | ipo | hinge (prefvec_ds.train.losses.LOSSES)."""
     label_smoothing: float = 0.0
     """Conservative DPO: probability that a label is flipped (sigmoid loss only)."""
     eval_every: int = 0
@@ -174,8 +172,7 @@ class DPOConfig(OptimConfig):
         _check(isinstance(self.share_prompt, bool), "dpo.share_prompt", "true or false",
                self.share_prompt)
         _check(self.beta > 0, "dpo.beta", "> 0", self.beta)
-        _check(self.loss_type in LOSS_TYPES, "dpo.loss_type", "|".join(LOSS_TYPES),
-               self.loss_type)
+        check_choice(self.loss_type, LossType, "dpo.loss_type", sep="|")
         _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)",
                self.label_smoothing)
 

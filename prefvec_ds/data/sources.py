@@ -7,7 +7,11 @@
   two final assistant responses.
 - generic jsonl: {prompt, chosen, rejected}.
 - embedded: the generated world of prefvec_ds.data.embedded, in PKU schema.
-- mora: pairs written by the MORA stage (prefvec_ds.mora), {prompt, chosen, rejected, ...}.
+- mora: pairs written by the MORA stage (prefvec_ds.mora), {prompt, chosen, rejected, ...};
+  a `{run_dir}` in their path is filled in by expand_preference_paths.
+
+PREFERENCE_LOADERS is the table of sources: a new source is its reader there plus its name in
+prefvec_ds.config.choices.PreferenceSource.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Callable
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.config.choices import PreferenceSource
 from prefvec_ds.config.schema import DataConfig, PreferenceConfig
 from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages, PreferencePair, user_prompt
@@ -194,23 +200,66 @@ def jsonl_pairs(rows: list[dict], where: str) -> list[PreferencePair]:
     return out
 
 
+RUN_DIR_MARK = "{run_dir}"
+
+
+def expand_run_dir(path: str, run_dir: str | Path) -> str:
+    """`{run_dir}/mora/pairs.jsonl` -> `<absolute run_dir>/mora/pairs.jsonl`."""
+    return path.replace(RUN_DIR_MARK, str(Path(run_dir).resolve()))
+
+
+def expand_preference_paths(cfg) -> None:
+    """Fill `{run_dir}` into the paths of `source: mora` preferences (in place)."""
+    for pref in cfg.data.preferences.values():
+        if pref.source == "mora" and RUN_DIR_MARK in pref.path:
+            pref.path = expand_run_dir(pref.path, cfg.run_dir)
+
+
+def read_pairs(path: str, name: str) -> list[PreferencePair]:
+    """The `mora` source: pairs written by the MORA stage (pairs.jsonl or a mixed set)."""
+    if RUN_DIR_MARK in path:
+        raise PrefvecError(f"config parameter data.preferences.{name}.path: {path!r}: "
+                           f"{RUN_DIR_MARK} is filled in by `prefvec run|submit|mora`; outside "
+                           "them give the file's real path")
+    if not Path(path).is_file():
+        raise PrefvecError(f"data.preferences.{name}: MORA pairs {path} do not exist: run "
+                           "`prefvec mora CONFIG` (or the pipeline's mora stage) first")
+    return jsonl_pairs(read_rows(path), path)
+
+
+def _embedded(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    rows = embedded.preference_rows(data.embedded_size, data.embedded_seed)
+    return pku_pairs(rows, pref.order_by, f"embedded[{name}]")
+
+
+def _pku(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    return pku_pairs(read_rows(pref.path, pref.split), pref.order_by, pref.path)
+
+
+def _hh(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    return hh_pairs(read_rows(pref.path, pref.split), pref.path)[0]
+
+
+def _jsonl(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    return jsonl_pairs(read_rows(pref.path, pref.split), pref.path)
+
+
+def _mora(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    return read_pairs(pref.path, name)
+
+
+PairLoader = Callable[[str, PreferenceConfig, DataConfig], list[PreferencePair]]
+
+#: source -> reader of the + orientation pairs; the keys are
+#: prefvec_ds.config.choices.PreferenceSource (tests/unit/test_choices.py checks both agree).
+PREFERENCE_LOADERS: dict[PreferenceSource, PairLoader] = {
+    "embedded": _embedded, "pku_saferlhf": _pku, "hh_rlhf": _hh, "jsonl": _jsonl, "mora": _mora,
+}
+
+
 def load_preference(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
     """The + orientation pairs of one configured preference, before tokenization."""
-    if pref.source == "embedded":
-        rows = embedded.preference_rows(data.embedded_size, data.embedded_seed)
-        pairs = pku_pairs(rows, pref.order_by, f"embedded[{name}]")
-    elif pref.source == "mora":
-        from prefvec_ds.mora.pairs_io import read_pairs  # noqa: PLC0415
-
-        pairs = read_pairs(pref.path, name)
-    else:
-        rows = read_rows(pref.path, pref.split)
-        if pref.source == "pku_saferlhf":
-            pairs = pku_pairs(rows, pref.order_by, pref.path)
-        elif pref.source == "hh_rlhf":
-            pairs, _ = hh_pairs(rows, pref.path)
-        else:
-            pairs = jsonl_pairs(rows, pref.path)
+    pairs = PREFERENCE_LOADERS[pref.source](name, pref, data)
     if pref.max_pairs:
         pairs = pairs[: pref.max_pairs]
     if not pairs:

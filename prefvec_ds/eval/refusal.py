@@ -65,7 +65,8 @@ class SentenceEncoder:
     """Mean-pooled, L2-normalised embeddings of a text's first `max_tokens` tokens."""
 
     def __init__(self, backbone: str = "minilm", batch_size: int = 32):
-        from prefvec_ds.eval.preference_model import default_device, load_backbone  # noqa: PLC0415
+        from prefvec_ds.models.preference_model import (  # noqa: PLC0415
+            default_device, load_backbone)
 
         self.model, self.tokenizer = load_backbone(backbone)
         self.device = default_device()

@@ -153,7 +153,7 @@ def write_pku_pairs_jsonl(src: Path, target: Path) -> int:
 
 def _transfer_accuracy(model_dir: Path, pairs) -> dict:
     """Pair accuracy of a saved reward model on pairs it never saw (ties count half)."""
-    from prefvec_ds.eval.preference_model import ScoreModel  # noqa: PLC0415
+    from prefvec_ds.models.preference_model import ScoreModel  # noqa: PLC0415
 
     model = ScoreModel(model_dir)
     prompts = [p.prompt for p in pairs]

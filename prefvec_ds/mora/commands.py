@@ -34,7 +34,7 @@ def run_mora(args: argparse.Namespace) -> int:
     from prefvec_ds.config.loader import load_config  # noqa: PLC0415
     from prefvec_ds.mora import stage  # noqa: PLC0415
     from prefvec_ds.mora.gather import gather  # noqa: PLC0415
-    from prefvec_ds.mora.pairs_io import expand_preference_paths  # noqa: PLC0415
+    from prefvec_ds.data.sources import expand_preference_paths  # noqa: PLC0415
 
     if args.shard_only and args.gather_only:
         raise PrefvecError("--shard-only and --gather-only exclude each other")

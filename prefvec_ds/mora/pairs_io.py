@@ -1,5 +1,6 @@
 """MORA files: per-shard record logs (append, flush per prompt, torn tail discarded), the merged
-records, the DPO pairs the data layer reads (`source: mora`), and mixed preference sets.
+records, the DPO pairs the data layer reads (`source: mora`: prefvec_ds.data.sources.read_pairs),
+and mixed preference sets.
 
     <run_dir>/mora/shards/shard-00001-of-00004.jsonl   one JSON record per finished prompt
     <run_dir>/mora/records.jsonl                        every prompt, sorted by pool id (gather)
@@ -17,9 +18,7 @@ from typing import Iterable
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
-from prefvec_ds.data.pairs import Messages, PreferencePair
-
-RUN_DIR_MARK = "{run_dir}"
+from prefvec_ds.data.pairs import Messages
 
 
 def shard_path(out: Path, shard: int, num_shards: int) -> Path:
@@ -89,29 +88,3 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> int:
     rows = list(rows)
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
     return len(rows)
-
-
-def expand_run_dir(path: str, run_dir: str | Path) -> str:
-    """`{run_dir}/mora/pairs.jsonl` -> `<absolute run_dir>/mora/pairs.jsonl`."""
-    return path.replace(RUN_DIR_MARK, str(Path(run_dir).resolve()))
-
-
-def read_pairs(path: str, name: str) -> list[PreferencePair]:
-    """The `mora` source: pairs written by the MORA stage (pairs.jsonl or a mixed set)."""
-    from prefvec_ds.data.sources import jsonl_pairs, read_rows  # noqa: PLC0415
-
-    if RUN_DIR_MARK in path:
-        raise PrefvecError(f"config parameter data.preferences.{name}.path: {path!r}: "
-                           f"{RUN_DIR_MARK} is filled in by `prefvec run|submit|mora`; outside "
-                           "them give the file's real path")
-    if not Path(path).is_file():
-        raise PrefvecError(f"data.preferences.{name}: MORA pairs {path} do not exist: run "
-                           "`prefvec mora CONFIG` (or the pipeline's mora stage) first")
-    return jsonl_pairs(read_rows(path), path)
-
-
-def expand_preference_paths(cfg) -> None:
-    """Fill `{run_dir}` into the paths of `source: mora` preferences (in place)."""
-    for pref in cfg.data.preferences.values():
-        if pref.source == "mora" and RUN_DIR_MARK in pref.path:
-            pref.path = expand_run_dir(pref.path, cfg.run_dir)

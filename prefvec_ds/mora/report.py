@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from statistics import mean, median
 
-from prefvec_ds.mora.config import MoraConfig
+from prefvec_ds.config.mora import MoraConfig
 
 
 def histogram(values: list[float], digits: int = 3) -> dict[str, int]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+from prefvec_ds.config.choices import RewriterKind
+from prefvec_ds.config.mora import RewriterConfig
 from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages, user_prompt
-from prefvec_ds.mora.config import RewriterConfig
 
 Target = tuple[int, Messages, list[str]]
 """(pool id, prompt, dimensions its answers never reach)"""
@@ -89,8 +90,16 @@ class HFRewriter:
         return [_first_line(out[0]) for out in generate(self.model, self.tok, requests, spec)]
 
 
+#: rewriter.kind -> constructor (cfg, policy folder); the keys are
+#: prefvec_ds.config.choices.RewriterKind (tests/unit/test_choices.py checks both agree).
+REWRITERS: dict[RewriterKind, Callable[[RewriterConfig, Path], object]] = {
+    "structured": lambda cfg, policy_dir: StructuredRewriter(cfg),
+    "hf": HFRewriter,
+}
+
+
 def build_rewriter(cfg: RewriterConfig, policy_dir: Path):
-    return StructuredRewriter(cfg) if cfg.kind == "structured" else HFRewriter(cfg, policy_dir)
+    return REWRITERS[cfg.kind](cfg, policy_dir)
 
 
 def rewritten_prompt(original: Messages, text: str) -> Messages:

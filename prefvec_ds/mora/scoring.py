@@ -13,7 +13,7 @@ from typing import Sequence
 from prefvec_ds import PrefvecError
 from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import Messages
-from prefvec_ds.mora.config import DimensionConfig
+from prefvec_ds.config.mora import DimensionConfig
 
 Vector = dict[str, float]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from prefvec_ds.data.pairs import Messages
-from prefvec_ds.mora.config import MoraConfig
+from prefvec_ds.config.mora import MoraConfig
 
 #: Separate random streams per step of a chunk (mining, self-play, rewriting).
 STREAMS = {"mine": 0, "play": 1, "rewrite": 2}

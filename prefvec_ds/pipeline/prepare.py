@@ -18,7 +18,7 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.loader import find_ds_config, load_config, resolve_ds_config, to_dict
 from prefvec_ds.config.schema import RunConfig
-from prefvec_ds.mora.pairs_io import expand_preference_paths
+from prefvec_ds.data.sources import expand_preference_paths
 from prefvec_ds.pipeline.dag import Stage, build_dag
 from prefvec_ds.train.stage import init_model_dir
 
@@ -41,6 +41,10 @@ def validate(cfg: RunConfig) -> None:
 
         validate_mora(cfg)
     build_dag(cfg)  # checks pipeline.merges against data.preferences
+    from prefvec_ds.eval.scorers import check_scorer_options  # noqa: PLC0415
+
+    for spec in cfg.pipeline.eval.scorers:  # e.g. a judge's base_url, before any stage runs
+        check_scorer_options(spec)
     _check_run_dir(cfg)
     validate_data(cfg)
     for merge in cfg.pipeline.merges:  # '.' and '..' pass the name pattern, but name no folder

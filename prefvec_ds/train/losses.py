@@ -1,7 +1,9 @@
 """Preference losses as a table of pure functions over log-ratios.
 
 Each takes h = (pi_c - ref_c) - (pi_r - ref_r), the difference of the policy's and the reference's
-log-ratios, and returns the per-pair loss.
+log-ratios, and returns the per-pair loss. LOSSES is the table `dpo.loss_type` chooses from: a
+new loss is its function and row here plus its name in prefvec_ds.config.choices.LossType
+(config cannot import train; tests/unit/test_choices.py checks that both agree).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from prefvec_ds.config.choices import LossType
 
 
 def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -36,7 +40,7 @@ class LossSpec:
     """IPO is defined on per-token average log-probs; DPO and hinge on sums."""
 
 
-LOSSES: dict[str, LossSpec] = {
+LOSSES: dict[LossType, LossSpec] = {
     "sigmoid": LossSpec(sigmoid_loss, average_logps=False),
     "ipo": LossSpec(ipo_loss, average_logps=True),
     "hinge": LossSpec(hinge_loss, average_logps=False),
@@ -45,7 +49,7 @@ LOSSES: dict[str, LossSpec] = {
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
-                    loss_type: str = "sigmoid", label_smoothing: float = 0.0
+                    loss_type: LossType = "sigmoid", label_smoothing: float = 0.0
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the pairs and TRL-named metrics (detached, per-batch means).
 

@@ -10,7 +10,7 @@ Plain PyTorch in one process, not the DeepSpeed engine: the default backbone (al
 22.7M parameters, 90 MB fp32, about 0.4 GB with Adam states) fits any single process, and ZeRO-3
 over 2 gloo ranks on a 2-core machine would add per-layer all-gathers and halve each rank's threads
 for no memory gain. A cluster user who needs a 7B reward model plugs any HF sequence-classification
-model into the scorers instead (prefvec_ds.eval.preference_model).
+model into the scorers instead (prefvec_ds.models.preference_model.ScoreModel).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.config.checks import check
 from prefvec_ds.config.schema import DataConfig, OptimConfig, PreferenceConfig
 from prefvec_ds.data.pairs import PreferencePair, is_held_out
-from prefvec_ds.eval.preference_model import (META_FILE, MINILM, PreferenceModel, collate,
-                                              encode_input, load_backbone, save_preference_model)
+from prefvec_ds.models.preference_model import (META_FILE, MINILM, PreferenceModel, collate,
+                                                encode_input, load_backbone, save_preference_model)
 
 KINDS = ("reward", "cost")
 

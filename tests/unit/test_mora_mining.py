@@ -12,7 +12,7 @@ from prefvec_ds.config.loader import load_config
 from prefvec_ds.data import embedded
 from prefvec_ds.data.pairs import is_held_out, user_prompt
 from prefvec_ds.data.sources import load_preference
-from prefvec_ds.mora.config import DimensionConfig, RewriterConfig
+from prefvec_ds.config.mora import DimensionConfig, RewriterConfig
 from prefvec_ds.mora.mining import classify, load_pool, pass_at
 from prefvec_ds.mora.rewrite import HFRewriter, StructuredRewriter, _first_line
 from prefvec_ds.mora.scoring import DimensionTable

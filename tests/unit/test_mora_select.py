@@ -3,7 +3,7 @@ weighted sum of the differences, and pairs under min_margin are dropped."""
 
 from __future__ import annotations
 
-from prefvec_ds.mora.config import DimensionConfig
+from prefvec_ds.config.mora import DimensionConfig
 from prefvec_ds.mora.scoring import DimensionTable
 from prefvec_ds.mora.select import never_worse, select_pair
 

@@ -8,8 +8,8 @@ import torch
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.data.pairs import PreferencePair, user_prompt
-from prefvec_ds.eval.preference_model import (CostModelScorer, RewardModelScorer, collate,
-                                              encode_input, load_backbone)
+from prefvec_ds.eval.preference_model import CostModelScorer, RewardModelScorer
+from prefvec_ds.models.preference_model import collate, encode_input, load_backbone
 from prefvec_ds.eval.scorers import build_scorer
 from prefvec_ds.train.rm import (bradley_terry_loss, load_rm_config, safe_rlhf_cost_loss,
                                  safety_sign, train_preference_model)

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-def check(cond: bool, param: str, expected: str, got) -> None:
-    """prefvec_ds.config.checks.check, imported when first used: prefvec_ds.config imports
-    this module while it initialises, so a module-level import would be circular."""
-    from prefvec_ds.config.checks import check as config_check  # noqa: PLC0415
-
-    config_check(cond, param, expected, got)
+from prefvec_ds.config.checks import check, check_choice
+from prefvec_ds.config.choices import POOL_SOURCES, RewriterKind, ScorerKind
+from prefvec_ds.config.evaluation import VllmOptions
 
 
-POOL_SOURCES = ("embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "prompts")
-REWRITER_KINDS = ("structured", "hf")
 ORDERS = ("harmful_first", "benign_first", "random")
 DEFAULT_TEMPLATE = (
     "Rewrite the user request below into ONE request that keeps it and also asks for "
@@ -35,9 +29,9 @@ class PoolConfig:
     """Where the prompts to mine come from."""
 
     source: str = "embedded"
-    """embedded (the run's generated data), pku_saferlhf | hh_rlhf | jsonl (the prompts of a
-    preference file), or prompts (a .txt with one prompt per line, or json/jsonl rows with a
-    `prompt` field)."""
+    """embedded (the run's generated data), another preference source but mora (the prompts of
+    its file: pku_saferlhf | hh_rlhf | jsonl), or prompts (a .txt with one prompt per line, or
+    json/jsonl rows with a `prompt` field). The list is prefvec_ds.config.choices.POOL_SOURCES."""
     path: str = ""
     """File (or `datasets` hub name) for every source but embedded."""
     split: str = "train"
@@ -49,8 +43,7 @@ class PoolConfig:
     MORA pairs must not train on them)."""
 
     def __post_init__(self):
-        check(self.source in POOL_SOURCES, "pipeline.mora.pool.source", " | ".join(POOL_SOURCES),
-              self.source)
+        check_choice(self.source, POOL_SOURCES, "pipeline.mora.pool.source")
         check(self.source == "embedded" or bool(self.path), "pipeline.mora.pool.path",
               f"a file for source {self.source}", self.path)
         check(self.max_prompts >= 0, "pipeline.mora.pool.max_prompts", ">= 0", self.max_prompts)
@@ -79,7 +72,7 @@ class DimensionConfig:
 class RewriterConfig:
     """Intent fusion: how a single-reward prompt becomes a multi-intent prompt."""
 
-    kind: str = "structured"
+    kind: RewriterKind = "structured"
     """structured (the embedded world: fuse the prompt with a generated intent of the missing
     dimension) or hf (any HF causal LM prompted with `template`)."""
     model: str = ""
@@ -98,8 +91,7 @@ class RewriterConfig:
     """hf: weights dtype (fp32 | bf16 | fp16)."""
 
     def __post_init__(self):
-        check(self.kind in REWRITER_KINDS, "pipeline.mora.rewriter.kind",
-              " | ".join(REWRITER_KINDS), self.kind)
+        check_choice(self.kind, RewriterKind, "pipeline.mora.rewriter.kind")
         check("{prompt}" in self.template, "pipeline.mora.rewriter.template",
               "a text containing {prompt}", self.template)
         check(self.max_new_tokens >= 1, "pipeline.mora.rewriter.max_new_tokens", ">= 1",
@@ -131,7 +123,7 @@ class MoraConfig:
     pool: PoolConfig = field(default_factory=PoolConfig)
     """The prompts to mine."""
     scorers: list[dict] = field(default_factory=_default_scorers)
-    """Scorer specs {kind, **options} (prefvec_ds.eval.scorers.SCORER_KINDS): rules_dual for
+    """Scorer specs {kind, **options} (prefvec_ds.config.choices.ScorerKind): rules_dual for
     the embedded world; on real data e.g. [{kind: reward_model, ...}, {kind: cost_model, ...}]."""
     dimensions: dict[str, DimensionConfig] = field(default_factory=_default_dimensions)
     """Reward dimensions, name -> {axis, higher_is_better, high, weight, missing}; add
@@ -158,7 +150,7 @@ class MoraConfig:
     dtype: str = "fp32"
     """Policy weights dtype for generation (fp32 | bf16 | fp16); also vLLM's unless vllm.dtype
     says otherwise."""
-    vllm: VllmOptions = field(default_factory=lambda: VllmOptions())
+    vllm: VllmOptions = field(default_factory=VllmOptions)
     """vLLM engine settings of the sampling policy (one engine per shard, on the shard's GPU)."""
     cpu_threads: int = 1
     """torch threads per shard process on CPU (0 = torch's default). Sampling batches are
@@ -193,6 +185,9 @@ class MoraConfig:
         check(isinstance(self.scorers, list) and len(self.scorers) > 0
               and all(isinstance(s, (dict, str)) for s in self.scorers),
               "pipeline.mora.scorers", "a non-empty list of {kind: ...}", self.scorers)
+        for spec in self.scorers:
+            check_choice(spec if isinstance(spec, str) else spec.get("kind"), ScorerKind,
+                         "pipeline.mora.scorers")
         check(self.pass_n >= 1, "pipeline.mora.pass_n", ">= 1", self.pass_n)
         check(self.selfplay_k >= 2, "pipeline.mora.selfplay_k", ">= 2 (a pair needs two)",
               self.selfplay_k)
@@ -239,9 +234,3 @@ class MoraConfig:
                 out.append(src)
             mixed[name] = out
         self.mix_into = mixed
-
-
-# At the end, not the top: prefvec_ds.config (imported by this) imports this module while it
-# initialises; the dataclass needs VllmOptions only when an instance is made or its type hints
-# are read (the loader), both after this line ran.
-from prefvec_ds.config.evaluation import VllmOptions  # noqa: E402

@@ -1,0 +1,46 @@
+"""The names a config may choose among, one Literal per table of pluggable parts.
+
+Config validates against these names without importing the code that implements them (config
+sits below data, train, eval and pipeline: see prefvec_ds/__init__.py). Each implementation
+table is keyed by the same names, and tests/unit/test_choices.py fails when the two disagree, so
+adding a loss, a preference source, a scorer or a stage kind is one name here plus its entry
+(and its code) in the implementation table:
+
+    LossType          prefvec_ds.train.losses.LOSSES
+    PreferenceSource  prefvec_ds.data.sources.PREFERENCE_LOADERS (MORA's pool takes them too)
+    ScorerKind        prefvec_ds.eval.scorers.SCORER_KINDS
+    RewriterKind      prefvec_ds.mora.rewrite.REWRITERS
+    StageKind         prefvec_ds.config.pipeline.DEFAULT_TIMES and the stages of
+                      prefvec_ds.pipeline.dag.build_dag
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Literal
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+"""dpo.loss_type: sigmoid (DPO), ipo, hinge."""
+
+PreferenceSource = Literal["embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora"]
+"""data.preferences.<name>.source; mora: the pairs written by the MORA stage."""
+
+ScorerKind = Literal["rules", "reward_model", "cost_model", "refusal", "rules_dual", "judge",
+                     "safety_classifier"]
+"""pipeline.eval.scorers[].kind and pipeline.mora.scorers[].kind."""
+
+RewriterKind = Literal["structured", "hf"]
+"""pipeline.mora.rewriter.kind: structured (the embedded world) or hf (a prompted causal LM)."""
+
+StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "eval"]
+"""Kinds of pipeline stages, in DAG order (`pipeline.slurm.time` has one limit per kind)."""
+
+
+def names(choice_type) -> tuple[str, ...]:
+    """The names of a Literal type, in declaration order."""
+    return typing.get_args(choice_type)
+
+
+#: MORA's pool (`pipeline.mora.pool.source`): the prompts of any preference source but MORA's
+#: own pairs, or `prompts` (a .txt with one prompt per line, or rows with a `prompt` field).
+POOL_SOURCES = tuple(s for s in names(PreferenceSource) if s != "mora") + ("prompts",)
