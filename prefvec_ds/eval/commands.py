@@ -49,15 +49,20 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_run_config(config: str, overrides: list[str]):
-    """A YAML file, or a run folder's resolved snapshot."""
+    """A YAML file, or a run folder's resolved snapshot, with its scorers' options checked
+    (a judge's base_url, ...) before any answer is generated."""
     from prefvec_ds.config.loader import load_config  # noqa: PLC0415
+    from prefvec_ds.eval.scorers import check_scorer_options  # noqa: PLC0415
 
     path = Path(config)
     if path.is_dir():
         path = path / "pipeline" / "config.yaml"
         if not path.is_file():
             raise PrefvecError(f"{config}: not a pipeline run folder (no pipeline/config.yaml)")
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    for spec in cfg.pipeline.eval.scorers:
+        check_scorer_options(spec)
+    return cfg
 
 
 def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:

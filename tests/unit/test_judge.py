@@ -6,6 +6,7 @@ serve` with a real model: tests/e2e/test_judge_server.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import time
 
 import pytest
@@ -200,15 +201,28 @@ def test_config_checks(options, message):
     assert "123secret" not in str(err.value)
 
 
-def test_eval_config_checks_judge_options_at_load(tmp_path):
-    from prefvec_ds.config.evaluation import EvalConfig
+@pytest.mark.parametrize("load", ["eval", "run"])
+def test_judge_options_are_checked_when_a_run_config_is_loaded(tmp_path, load):
+    """`prefvec eval|sweep` and `prefvec run` refuse a judge without base_url before any stage
+    or generation starts (config/ cannot import eval/, so the check lives in these two doors)."""
+    from prefvec_ds.eval.commands import load_run_config
+    from prefvec_ds.pipeline.prepare import validate
 
+    recipe = str(Path(__file__).parents[2] / "recipes" / "quickstart.yaml")
+    bad = [f"run_dir={tmp_path / 'run'}", "pipeline.eval.scorers=[rules, {kind: judge, model: m}]"]
     with pytest.raises(PrefvecError, match="judge.base_url"):
-        EvalConfig(scorers=[{"kind": "judge", "model": "m"}])
-    cfg = EvalConfig(scorers=["rules", {"kind": "judge", "base_url": "http://h/v1",
-                                        "model": "m"}])
+        if load == "eval":
+            load_run_config(recipe, bad)
+        else:
+            from prefvec_ds.config.loader import load_config
+
+            validate(load_config(recipe, bad))
+    good = [bad[0], "pipeline.eval.scorers=[rules, {kind: judge, base_url: 'http://h/v1', "
+            "model: m}]"]
+    cfg = load_run_config(recipe, good)
     assert JudgeConfig(base_url="http://h/v1", model="m").protocol.startswith("pv-judge-1")
-    assert len(cfg.scorers) == 2
+    assert len(cfg.pipeline.eval.scorers) == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_judge_scores_a_file_with_counters(server, tmp_path, capsys):
