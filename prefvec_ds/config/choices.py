@@ -19,8 +19,8 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-LossType = Literal["sigmoid", "ipo", "hinge"]
-"""dpo.loss_type: sigmoid (DPO), ipo, hinge."""
+LossType = Literal["sigmoid", "ipo", "hinge", "bfpo"]
+"""dpo.loss_type: sigmoid (DPO), ipo, hinge, bfpo (needs per-response safety labels)."""
 
 PreferenceSource = Literal["embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora"]
 """data.preferences.<name>.source; mora: the pairs written by the MORA stage."""

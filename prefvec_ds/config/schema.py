@@ -159,6 +159,11 @@ class DPOConfig(OptimConfig):
     """sigmoid (DPO) | ipo | hinge (prefvec_ds.train.losses.LOSSES)."""
     label_smoothing: float = 0.0
     """Conservative DPO: probability that a label is flipped (sigmoid loss only)."""
+    bfpo_b1: float = 3.0
+    """BFPO's b1 (> 1; b3 = 1/(b1 - 1)): how far a safe chosen response is pushed up
+    (loss_type bfpo only; the paper's and wx-zhang/bfpo's default 3)."""
+    bfpo_alpha: float = 0.5
+    """BFPO's alpha: the shift of every target (loss_type bfpo only; default 0.5)."""
     eval_every: int = 0
     """Evaluate held-out pairs every N steps (0 = at start and end only)."""
     share_prompt: bool = True
@@ -175,6 +180,7 @@ class DPOConfig(OptimConfig):
         check_choice(self.loss_type, LossType, "dpo.loss_type", sep="|")
         _check(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing", "in [0, 0.5)",
                self.label_smoothing)
+        _check(self.bfpo_b1 > 1, "dpo.bfpo_b1", "> 1", self.bfpo_b1)
 
 
 @dataclass

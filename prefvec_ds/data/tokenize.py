@@ -25,6 +25,9 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     key: str
     """PreferencePair.key(): order-free identity, shared by the + and - views."""
+    chosen_safe: bool | None = None
+    """Safety label of the chosen response (None = unlabelled); read by dpo.loss_type bfpo."""
+    rejected_safe: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def tokenize_pairs(pairs: list[PreferencePair], tokenizer, data: DataConfig
         if c == r:
             stats["identical"] += 1
             continue
-        out.append(TokenizedPair(tuple(p[len(p) - keep:]), tuple(c), tuple(r), pair.key()))
+        out.append(TokenizedPair(tuple(p[len(p) - keep:]), tuple(c), tuple(r), pair.key(),
+                                 pair.chosen_safe, pair.rejected_safe))
     if not out:
         raise PrefvecError(f"no preference pairs left after tokenization and filtering ({stats})")
     return out, stats
@@ -121,7 +125,17 @@ def direction_view(pairs: list[TokenizedPair], sign: int) -> list[TokenizedPair]
         raise ValueError(f"direction sign must be +1 or -1, got {sign}")
     if sign == 1:
         return list(pairs)
-    return [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.key) for p in pairs]
+    return [TokenizedPair(p.prompt_ids, p.rejected_ids, p.chosen_ids, p.key, p.rejected_safe,
+                          p.chosen_safe) for p in pairs]
+
+
+def require_safety_labels(pairs: list[TokenizedPair], where: str, loss: str) -> None:
+    """One clear line when a loss that reads safety labels meets an unlabelled pair."""
+    unlabelled = sum(p.chosen_safe is None or p.rejected_safe is None for p in pairs)
+    if unlabelled:
+        raise PrefvecError(f"{where}: dpo.loss_type {loss} needs both responses' safety labels "
+                           f"(is_response_0_safe / is_response_1_safe, as pku_saferlhf and "
+                           f"embedded data carry); {unlabelled} of {len(pairs)} pairs have none")
 
 
 def fingerprint_pairs(pairs: list[TokenizedPair]) -> str:

@@ -14,11 +14,12 @@ import torch
 from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import is_held_out
-from prefvec_ds.data.tokenize import TokenizedPair, direction_view, pair_tokens
+from prefvec_ds.data.tokenize import (TokenizedPair, direction_view, pair_tokens,
+                                     require_safety_labels)
 from prefvec_ds.distributed import engine as dist
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
-from prefvec_ds.train.losses import LOSSES, preference_loss
+from prefvec_ds.train.losses import LOSSES, SafetyLabels, preference_loss
 from prefvec_ds.train.ref_logps import ref_table, tokenized_preference
 from prefvec_ds.train.schedule import schedule_for, shard_for_eval
 from prefvec_ds.train.stage import (base_model_dir, direction_dir, load_tokenizer, mark_done,
@@ -46,8 +47,13 @@ def pair_forward(engine, pairs, ref, idx, pad_id: int, cfg: RunConfig):
         logps = logps / ntok.clamp(min=1)
         ref_c, ref_r = ref_c / ref[:, 2].clamp(min=1), ref_r / ref[:, 3].clamp(min=1)
     pol_c, pol_r = split_pair_logps(logps.float())
+    safety = None
+    if LOSSES[cfg.dpo.loss_type].needs_safety:
+        labels = torch.tensor([[p.chosen_safe, p.rejected_safe] for p in chunk],
+                              dtype=torch.float32, device=pol_c.device)
+        safety = SafetyLabels(labels[:, 0], labels[:, 1], cfg.dpo.bfpo_b1, cfg.dpo.bfpo_alpha)
     loss, metrics = preference_loss(pol_c, pol_r, ref_c.float(), ref_r.float(), cfg.dpo.beta,
-                                    cfg.dpo.loss_type, cfg.dpo.label_smoothing)
+                                    cfg.dpo.loss_type, cfg.dpo.label_smoothing, safety)
     return loss, metrics, sum(pair_tokens(p) for p in chunk)
 
 
@@ -78,6 +84,8 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     base = base_model_dir(cfg)
     tokenizer = load_tokenizer(base)
     pairs = tokenized_preference(cfg, preference, tokenizer)
+    if LOSSES[cfg.dpo.loss_type].needs_safety:
+        require_safety_labels(pairs, f"data.preferences.{preference}", cfg.dpo.loss_type)
     world = dist.world_size()
     ds = resolve_ds_config(cfg, cfg.dpo, world)
     table = ref_table(cfg, preference, base, tokenizer, pairs, ds)

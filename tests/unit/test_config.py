@@ -20,7 +20,7 @@ def test_dotted_overrides_are_typed_and_validated():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("dpo.loss_type=kto", r"dpo.loss_type: expected sigmoid\|ipo\|hinge, got 'kto'"),
+    ("dpo.loss_type=kto", r"dpo.loss_type: expected sigmoid\|ipo\|hinge\|bfpo, got 'kto'"),
     ("dpo.bta=0.1", r"quickstart.yaml.dpo: unknown parameter\(s\) bta"),
     ("sft.lr=fast", r"sft.lr: expected float"),
     ("data.max_prompt_len=500", r"data.max_prompt_len: expected in \(0, data.max_len=64\)"),

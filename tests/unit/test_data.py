@@ -181,3 +181,16 @@ def test_non_string_fields_are_one_line_errors(tmp_path, row, column):
     f.write_text("[1, 2]\n")
     with pytest.raises(PrefvecError, match=r"p.jsonl:1: expected a row object"):
         jsonl_pairs(read_rows(str(f)), str(f))
+
+
+def test_safety_labels_follow_label_switching_and_are_required_by_bfpo():
+    from prefvec_ds import PrefvecError
+    from prefvec_ds.data.tokenize import TokenizedPair, direction_view, require_safety_labels
+
+    pair = TokenizedPair((1,), (2,), (3,), "k", chosen_safe=True, rejected_safe=False)
+    minus = direction_view([pair], -1)[0]
+    assert (minus.chosen_ids, minus.chosen_safe, minus.rejected_safe) == ((3,), False, True)
+    require_safety_labels([pair], "data.preferences.harmless", "bfpo")
+    with pytest.raises(PrefvecError, match=r"data.preferences.helpful: .*bfpo.* 1 of 2 pairs"):
+        require_safety_labels([pair, TokenizedPair((1,), (2,), (3,), "j")],
+                              "data.preferences.helpful", "bfpo")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from prefvec_ds.train.losses import LOSSES, preference_loss
+from prefvec_ds.train.losses import LOSSES, SafetyLabels, preference_loss
 
 
 def test_sigmoid_matches_hand_computed_value():
@@ -46,3 +46,29 @@ def test_gradient_pushes_chosen_up_and_rejected_down():
 def test_unknown_loss_type():
     with pytest.raises(ValueError, match="unknown loss_type 'kto'"):
         preference_loss(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), 0.1, "kto")
+
+
+@pytest.mark.parametrize("chosen_safe,rejected_safe,target", [
+    (1, 0, 10.0), (1, 1, 5.0), (0, 0, -5.0), (0, 1, -10.0)])
+def test_bfpo_regresses_to_the_safety_target(chosen_safe, rejected_safe, target):
+    """BFPO with b1 = 3 (b3 = 0.5), alpha = 0.5, beta = 0.1: target (1.5 s_c - 0.5 s_r - 0.5)/0.1,
+    hand-computed per label case; loss = (h - target)^2."""
+    h = torch.tensor([2.0])
+    z = torch.zeros(1)
+    safety = SafetyLabels(torch.tensor([float(chosen_safe)]), torch.tensor([float(rejected_safe)]))
+    loss, _ = preference_loss(h, z, z, z, beta=0.1, loss_type="bfpo", safety=safety)
+    assert loss.item() == pytest.approx((2.0 - target) ** 2, rel=1e-6)
+    at_target, _ = preference_loss(torch.tensor([target]), z, z, z, beta=0.1, loss_type="bfpo",
+                                   safety=safety)
+    assert at_target.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bfpo_options_and_missing_labels():
+    h, z = torch.tensor([0.0]), torch.zeros(1)
+    safety = SafetyLabels(torch.ones(1), torch.zeros(1), b1=5.0, alpha=0.0)
+    # b3 = 1/4: target = (5 * 0.25 * 1 - 0) / 0.5 = 2.5
+    loss, _ = preference_loss(h, z, z, z, beta=0.5, loss_type="bfpo", safety=safety)
+    assert loss.item() == pytest.approx(2.5 ** 2)
+    assert LOSSES["bfpo"].needs_safety and not LOSSES["sigmoid"].needs_safety
+    with pytest.raises(ValueError, match="needs the pairs' safety labels"):
+        preference_loss(h, z, z, z, beta=0.1, loss_type="bfpo")
