@@ -156,7 +156,7 @@ class DPOConfig(OptimConfig):
     beta: float = 0.1
     """Strength of the KL anchor to theta_base; the implicit reward is beta * log-ratio."""
     loss_type: LossType = "sigmoid"
-    """sigmoid (DPO) | ipo | hinge (prefvec_ds.train.losses.LOSSES)."""
+    """sigmoid (DPO) | ipo | hinge | bfpo (prefvec_ds.train.losses.LOSSES)."""
     label_smoothing: float = 0.0
     """Conservative DPO: probability that a label is flipped (sigmoid loss only)."""
     bfpo_b1: float = 3.0

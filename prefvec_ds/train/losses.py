@@ -2,9 +2,10 @@
 
 Each takes h = (pi_c - ref_c) - (pi_r - ref_r), the difference of the policy's and the reference's
 log-ratios, and returns the per-pair loss; a loss that also needs per-response safety labels
-(BFPO) says so in its row and receives them as 0/1 tensors. LOSSES is the table `dpo.loss_type` chooses from: a
-new loss is its function and row here plus its name in prefvec_ds.config.choices.LossType
-(config cannot import train; tests/unit/test_choices.py checks that both agree).
+(BFPO) says so in its row and receives them as `safety`. LOSSES is the table `dpo.loss_type`
+chooses from: a new loss is its function and row here plus its name in
+prefvec_ds.config.choices.LossType (config cannot import train; tests/unit/test_choices.py checks
+that both agree).
 """
 
 from __future__ import annotations
@@ -34,19 +35,29 @@ def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> to
     return torch.relu(1 - beta * h)
 
 
+@dataclass(frozen=True)
+class SafetyLabels:
+    """Per-pair 0/1 safety labels of the chosen and rejected responses, and BFPO's constants
+    (dpo.bfpo_b1, dpo.bfpo_alpha)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    b1: float
+    alpha: float
+
+
 def bfpo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0, *,
-              chosen_safe: torch.Tensor, rejected_safe: torch.Tensor, b1: float = 3.0,
-              alpha: float = 0.5) -> torch.Tensor:
+              safety: SafetyLabels) -> torch.Tensor:
     """BFPO (Zhang et al., ICLR 2025): regress h to a target set by the responses' safety.
 
     The pair is ordered by helpfulness; with b3 = 1/(b1 - 1) the target is
-    (b1*b3*s_c - b3*s_r - alpha) / beta for safety labels s in {0, 1}: with the defaults
+    (b1*b3*s_c - b3*s_r - alpha) / beta for safety labels s in {0, 1}: with b1 3, alpha 0.5
     +10 (chosen safe, rejected unsafe), +5 (both safe), -5 (neither), -10 (only the rejected
     safe) at beta 0.1, so an unsafe helpful answer is pushed below its safe alternative.
     """
-    b3 = 1.0 / (b1 - 1.0)
-    target = (b1 * b3 * chosen_safe.to(h.dtype) - b3 * rejected_safe.to(h.dtype) - alpha) / beta
-    return (h - target) ** 2
+    b1, b3 = safety.b1, 1.0 / (safety.b1 - 1.0)
+    s_c, s_r = safety.chosen.to(h.dtype), safety.rejected.to(h.dtype)
+    return (h - (b1 * b3 * s_c - b3 * s_r - safety.alpha) / beta) ** 2
 
 
 @dataclass(frozen=True)
@@ -67,16 +78,6 @@ LOSSES: dict[LossType, LossSpec] = {
 }
 
 
-@dataclass(frozen=True)
-class SafetyLabels:
-    """Per-pair 0/1 safety labels of the chosen and rejected responses, for BFPO."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    b1: float = 3.0
-    alpha: float = 0.5
-
-
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
                     loss_type: LossType = "sigmoid", label_smoothing: float = 0.0,
@@ -90,12 +91,9 @@ def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}: expected one of {', '.join(LOSSES)}")
     spec = LOSSES[loss_type]
-    extra = {}
-    if spec.needs_safety:
-        if safety is None:
-            raise ValueError(f"loss_type {loss_type!r} needs the pairs' safety labels")
-        extra = {"chosen_safe": safety.chosen, "rejected_safe": safety.rejected,
-                 "b1": safety.b1, "alpha": safety.alpha}
+    if spec.needs_safety and safety is None:
+        raise ValueError(f"loss_type {loss_type!r} needs the pairs' safety labels")
+    extra = {"safety": safety} if spec.needs_safety else {}
     chosen_ratio = policy_chosen - ref_chosen
     rejected_ratio = policy_rejected - ref_rejected
     losses = spec.fn(chosen_ratio - rejected_ratio, beta, label_smoothing, **extra)

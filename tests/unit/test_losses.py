@@ -55,7 +55,8 @@ def test_bfpo_regresses_to_the_safety_target(chosen_safe, rejected_safe, target)
     hand-computed per label case; loss = (h - target)^2."""
     h = torch.tensor([2.0])
     z = torch.zeros(1)
-    safety = SafetyLabels(torch.tensor([float(chosen_safe)]), torch.tensor([float(rejected_safe)]))
+    safety = SafetyLabels(torch.tensor([float(chosen_safe)]), torch.tensor([float(rejected_safe)]),
+                          b1=3.0, alpha=0.5)
     loss, _ = preference_loss(h, z, z, z, beta=0.1, loss_type="bfpo", safety=safety)
     assert loss.item() == pytest.approx((2.0 - target) ** 2, rel=1e-6)
     at_target, _ = preference_loss(torch.tensor([target]), z, z, z, beta=0.1, loss_type="bfpo",
@@ -72,3 +73,6 @@ def test_bfpo_options_and_missing_labels():
     assert LOSSES["bfpo"].needs_safety and not LOSSES["sigmoid"].needs_safety
     with pytest.raises(ValueError, match="needs the pairs' safety labels"):
         preference_loss(h, z, z, z, beta=0.1, loss_type="bfpo")
+    from prefvec_ds.config.schema import DPOConfig
+
+    assert (DPOConfig().bfpo_b1, DPOConfig().bfpo_alpha) == (3.0, 0.5)  # the authors' defaults
