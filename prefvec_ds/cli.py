@@ -12,8 +12,9 @@ import importlib
 import signal
 import sys
 
-from prefvec_ds import PrefvecError, __version__
+from prefvec_ds import __version__
 from prefvec_ds.atomic import Interrupted, signals_raise
+from prefvec_ds.distributed.process import run_main
 
 COMMAND_MODULES = [
     "prefvec_ds.train.commands",
@@ -56,12 +57,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
+
+    def body() -> int:
         with signals_raise():  # SIGTERM/SIGHUP unwind like Ctrl-C: temporaries are removed
-            return int(args.func(args) or 0)
-    except PrefvecError as err:
-        print(f"prefvec: error: {err}", file=sys.stderr)
-        return 2
+            return args.func(args)
+
+    try:
+        return run_main(body)
     except (KeyboardInterrupt, Interrupted) as err:
         # the handlers' finally blocks and atomic_output_dir have removed their temporaries
         signum = getattr(err, "signum", signal.SIGINT)

@@ -1,13 +1,17 @@
-"""Build the command that starts a stage's ranks on this node (deepspeed launcher or torchrun).
+"""The command that starts a stage's ranks (deepspeed launcher, torchrun or srun), built here
+only, and the job contract (`RankJob`) every rank receives.
 
-Used by `prefvec train` and by the local executor; inside SLURM the sbatch script calls `srun`.
+Used by `prefvec train` and by the pipeline's stage job (locally and inside sbatch).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.distributed.env import DEFAULT_TIMEOUT_MINUTES, free_port, timeout_env
@@ -72,28 +76,82 @@ def stage_env(base=None, devices: list[int] | None = None,
     return env
 
 
-def launcher_command(launcher: str, nproc: int, entry_args: list[str],
-                     port: int | None = None, env=None) -> list[str]:
-    """deepspeed / torchrun command running `python -m prefvec_ds.entry ENTRY_ARGS` per rank.
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank of a training stage runs: the one contract between the side that starts
+    ranks (`prefvec train`, the pipeline's stage job) and the rank process, passed as
+    `python -m prefvec_ds.entry --job '<JSON of these fields>'`.
+
+    Humans may keep writing `python -m prefvec_ds.entry dpo CONFIG --direction helpful+` (srun,
+    mpirun); both forms parse into this."""
+
+    stage: Literal["sft", "ref-logps", "dpo"]
+    """Which training stage the rank runs."""
+    config: str
+    """Run config YAML (the pipeline passes its resolved snapshot)."""
+    overrides: tuple[str, ...] = ()
+    """Dotted overrides on top of the file, e.g. `seed=43` for a diagnostic seed."""
+    direction: str | None = None
+    """dpo: the direction, e.g. `helpful+`."""
+    preference: str | None = None
+    """ref-logps: the preference, e.g. `helpful`."""
+
+    def __post_init__(self):
+        if self.stage not in RANK_STAGES:
+            raise PrefvecError(f"rank job: stage {self.stage!r}: expected one of "
+                               f"{', '.join(RANK_STAGES)}")
+        needs = {"dpo": ("direction", self.direction),
+                 "ref-logps": ("preference", self.preference)}.get(self.stage)
+        if needs and not needs[1]:
+            raise PrefvecError(f"rank job: stage {self.stage} needs --{needs[0]}")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> RankJob:
+        try:
+            fields = json.loads(text)
+            return cls(**fields)
+        except (ValueError, TypeError) as err:
+            raise PrefvecError(f"--job: expected the JSON of a RankJob ({err})") from None
+
+    def argv(self) -> list[str]:
+        """The rank's arguments after `-m prefvec_ds.entry`."""
+        return ["--job", self.to_json()]
+
+
+RANK_STAGES = ("sft", "ref-logps", "dpo")
+LAUNCHERS = ("deepspeed", "torchrun", "srun")
+
+
+def launcher_command(launcher: str, nproc: int, job: RankJob, port: int | None = None,
+                     devices: list[int] | None = None, srun_args=(), env=None) -> list[str]:
+    """The command that starts `job` on every rank: deepspeed / torchrun (`nproc` ranks on this
+    node, on the physical GPUs `devices` when given), or srun (the job's allocation: nodes x
+    ntasks-per-node ranks; srun passes USR1/TERM on to every task).
 
     torchrun keeps CUDA_VISIBLE_DEVICES. The deepspeed launcher ignores it with --num_gpus
-    (GPUs 0..n-1, whatever is set), so with CUDA_VISIBLE_DEVICES set the first nproc of its
+    (GPUs 0..n-1, whatever is set), so with CUDA_VISIBLE_DEVICES set, or `devices` given, the
     GPUs are named with --include instead.
     """
+    entry = ["prefvec_ds.entry", *job.argv()]
+    if launcher == "srun":
+        return ["srun", "--kill-on-bad-exit=1", *srun_args, sys.executable, "-m", *entry]
     port = port or free_port()
     if launcher == "deepspeed":
         env = os.environ if env is None else env
-        visible = None if env.get("DS_ACCELERATOR") == "cpu" else visible_gpu_ids(env)
-        if not visible:  # unset, or empty (no GPU: CPU ranks)
-            where = ["--num_gpus", str(nproc)]
-        else:
-            if nproc > len(visible):
+        if devices is None:
+            devices = None if env.get("DS_ACCELERATOR") == "cpu" else visible_gpu_ids(env)
+            if devices and nproc > len(devices):
                 raise PrefvecError(f"{nproc} ranks requested but CUDA_VISIBLE_DEVICES="
-                                   f"{','.join(map(str, visible))} shows {len(visible)} GPU(s)")
-            where = ["--include", "localhost:" + ",".join(map(str, visible[:nproc]))]
-        return ["deepspeed", *where, "--master_port", str(port),
-                "--module", "prefvec_ds.entry", *entry_args]
+                                   f"{','.join(map(str, devices))} shows {len(devices)} GPU(s)")
+            devices = devices[:nproc] if devices else None
+        where = (["--include", "localhost:" + ",".join(map(str, devices))] if devices
+                 else ["--num_gpus", str(nproc)])  # unset or empty (no GPU): CPU ranks
+        return ["deepspeed", *where, "--master_port", str(port), "--module", *entry]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(port), "-m", "prefvec_ds.entry", *entry_args]
-    raise ValueError(f"unknown launcher {launcher!r}: expected deepspeed or torchrun")
+                "--master_port", str(port), "-m", *entry]
+    raise ValueError(f"unknown launcher {launcher!r}: expected one of {', '.join(LAUNCHERS)}")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.config.layout import RunLayout, merge_etas
 
 
 def add_parsers(sub) -> None:
@@ -56,7 +57,7 @@ def load_run_config(config: str, overrides: list[str]):
 
     path = Path(config)
     if path.is_dir():
-        path = path / "pipeline" / "config.yaml"
+        path = RunLayout(path).snapshot
         if not path.is_file():
             raise PrefvecError(f"{config}: not a pipeline run folder (no pipeline/config.yaml)")
     cfg = load_config(path, overrides)
@@ -77,8 +78,6 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     from prefvec_ds.eval.runner import evaluate_run, run_vectors  # noqa: PLC0415
-    from prefvec_ds.pipeline.dag import merge_etas  # noqa: PLC0415
-
     cfg = load_run_config(args.config, args.overrides)
     vectors = run_vectors(cfg)
     for name, path in _pairs(args.vector, "NAME=PATH"):
@@ -88,9 +87,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         vectors[name] = Path(path)
     models = {}
     if not args.no_merged:
-        run = Path(cfg.run_dir)
-        models = {name: run / "merged" / name for name in merge_etas(cfg)
-                  if (run / "merged" / name / "config.json").is_file()}
+        lay = RunLayout.of(cfg)
+        models = {name: lay.merged(name) for name in merge_etas(cfg)
+                  if (lay.merged(name) / "config.json").is_file()}
     summary = evaluate_run(cfg, Path(args.out) if args.out else None,
                            Path(args.base) if args.base else None, vectors, models,
                            diagnostics=not args.no_diagnostics)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_json_atomic
+from prefvec_ds.config.layout import RunLayout, merge_etas
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import Messages, is_held_out
 from prefvec_ds.data.sources import load_preference
@@ -43,16 +44,14 @@ def diagnostic_preferences(cfg: RunConfig) -> list[str]:
 
 
 def run_vectors(cfg: RunConfig) -> dict[str, Path]:
-    return {p: Path(cfg.run_dir) / "vectors" / p for p in cfg.data.preferences}
+    return {p: RunLayout.of(cfg).vectors(p) for p in cfg.data.preferences}
 
 
 def seed_vectors(cfg: RunConfig) -> dict[str, dict[int, Path]]:
     out: dict[str, dict[int, Path]] = {}
-    from prefvec_ds.pipeline.dag import seed_run_dir  # noqa: PLC0415
-
     for seed in cfg.pipeline.eval.diagnostic_seeds:
         for pref in diagnostic_preferences(cfg):
-            path = seed_run_dir(cfg, seed) / "vectors" / pref
+            path = RunLayout.of(cfg).seed(seed).vectors(pref)
             if (path / "prefvec_vector.json").is_file():
                 out.setdefault(pref, {})[seed] = path
     return out
@@ -103,8 +102,6 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     print(f"[sweep] {len(spec.points)} points x {len(spec.prompts)} prompts x "
           f"{ecfg.generation.num_samples} answers, {len(spec.models)} merged model(s)", flush=True)
     sweep = run_sweep(spec, out / "answers.jsonl")
-    from prefvec_ds.pipeline.dag import merge_etas  # noqa: PLC0415
-
     sweep["merge_etas"] = {k: v for k, v in merge_etas(cfg).items() if k in spec.models}
     write_json_atomic(out / "sweep.json", sweep)
     diag = None

@@ -32,7 +32,9 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_json_atomic
+from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.schema import RunConfig
+from prefvec_ds.distributed.process import REQUEUE_EXIT_CODE, run_main, wait_forwarding
 from prefvec_ds.mora import pairs_io
 from prefvec_ds.mora.mining import PoolPrompt, classify, load_pool, pass_at
 from prefvec_ds.mora.rewrite import rewritten_prompt
@@ -40,12 +42,11 @@ from prefvec_ds.mora.scoring import DimensionTable, score_answers
 from prefvec_ds.mora.select import select_pair
 from prefvec_ds.mora.selfplay import chunk_seed
 
-REQUEUE_EXIT_CODE = 99  # as prefvec_ds.train.loop: stopped on a signal, resumes on a re-run
 _STOP: list[int] = []
 
 
 def out_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) / "mora"
+    return RunLayout.of(cfg).mora
 
 
 def policy_dir(cfg: RunConfig, must_exist: bool = True) -> Path:
@@ -292,21 +293,7 @@ def launch_srun(argv: list[str], srun_args: list[str]) -> int:
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> int:
-    def forward(signum, frame):  # noqa: ARG001
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, forward)
-    codes = []
-    for proc in procs:
-        while True:
-            try:
-                codes.append(proc.wait())
-                break
-            except InterruptedError:
-                continue
+    codes = wait_forwarding(procs, tag="mora")
     bad = [c for c in codes if c not in (0, REQUEUE_EXIT_CODE)]
     return bad[0] if bad else max(codes)
 
@@ -321,14 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-array", action="store_true",
                    help="ignore SLURM array variables (the pipeline's own launches)")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         pin_shard_gpu()  # first: nothing may have initialised CUDA yet
         cfg = load_config(args.config, args.overrides)
         shard, num, local = shard_of(use_array=not args.no_array)
         return run_shard(cfg, shard, num, local)
-    except PrefvecError as err:
-        print(f"prefvec: error: {err}", file=sys.stderr, flush=True)
-        return 2
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

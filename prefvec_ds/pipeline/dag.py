@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.config.layout import RunLayout, merge_etas, seed_key, split_seed
 from prefvec_ds.config.pipeline import STAGE_KINDS
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.eval.grid import check_names
@@ -29,7 +30,6 @@ from prefvec_ds.eval.grid import check_names
 #: Kinds whose work runs as a rank group (deepspeed launcher locally, srun under SLURM).
 DISTRIBUTED_KINDS = ("sft", "mora", "ref_logps", "dpo")  # mora: one shard per rank, no group
 #: `dpo/helpful+@seed43`, `vectors/helpful@seed43`: pipeline.eval.diagnostic_seeds stages
-SEED_MARK = "@seed"
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,6 @@ def ds_config_digest(cfg: RunConfig) -> str:
     return hashlib.sha256(find_ds_config(cfg).read_bytes()).hexdigest()[:16]
 
 
-def merge_etas(cfg: RunConfig) -> dict[str, dict[str, float]]:
-    """merge name -> {preference: eta} with every preference filled in (default 1.0)."""
-    prefs = list(cfg.data.preferences)
-    out = {}
-    for merge in cfg.pipeline.merges:
-        unknown = sorted(set(merge.eta) - set(prefs))
-        if unknown:
-            raise PrefvecError(f"config parameter pipeline.merges[{merge.name}].eta: unknown "
-                               f"preference(s) {', '.join(unknown)}; expected some of "
-                               f"{', '.join(prefs)}")
-        out[merge.name] = {p: merge.eta.get(p, 1.0) for p in prefs}
-    return out
-
-
 def build_dag(cfg: RunConfig) -> list[Stage]:
     """Every stage of the run, in an order where upstream stages come first."""
     ds = ds_config_digest(cfg)
@@ -142,6 +128,11 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage(
             f"ref_logps/{pref}", "ref_logps", pref, deps, (f"ref_logps/{pref}.pt",),
             f"ref_logps/{pref}.pt", _slice(base=cfg.model.base, data=pref_data, ds=ds)))
+    lay = RunLayout.of(cfg)
+
+    def out(path: Path) -> str:
+        return lay.relative(path)
+
     for direction in cfg.directions():
         pref = direction[:-1]
         pref_data = {**data, "preference": _preference_slice(cfg, cfg.data.preferences[pref])}
@@ -156,20 +147,19 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
     for seed, pref in seeded:  # the same DPO with another seed, for the cross-seed cosine
         pref_data = {**data, "preference": _preference_slice(cfg, cfg.data.preferences[pref])}
         for sign in "+-":
-            key = f"{pref}{sign}{SEED_MARK}{seed}"
+            key = seed_key(f"{pref}{sign}", seed)
             stages.append(Stage(
-                f"dpo/{key}", "dpo", key, (f"ref_logps/{pref}",), (output_dir("dpo", key),),
-                f"{output_dir('dpo', key)}/done.json",
+                f"dpo/{key}", "dpo", key, (f"ref_logps/{pref}",), (out(lay.dpo(key)),),
+                f"{out(lay.dpo(key))}/done.json",
                 _slice(seed=seed, dpo=dataclasses.asdict(cfg.dpo), data=pref_data, ds=ds,
                        world=world, checkpointing=cfg.model.gradient_checkpointing)))
-    vector_keys = list(cfg.data.preferences) + [f"{p}{SEED_MARK}{s}" for s, p in seeded]
+    vector_keys = list(cfg.data.preferences) + [seed_key(p, s) for s, p in seeded]
     for key in vector_keys:
         pref, seed = split_seed(key)
-        plus, minus = (f"{pref}{sign}" + (f"{SEED_MARK}{seed}" if seed is not None else "")
-                       for sign in "+-")
+        plus, minus = (seed_key(f"{pref}{sign}", seed) for sign in "+-")
         stages.append(Stage(
             f"vectors/{key}", "vectors", key, (f"dpo/{plus}", f"dpo/{minus}"),
-            (output_dir("vectors", key),), f"{output_dir('vectors', key)}/prefvec_vector.json",
+            (out(lay.vectors(key)),), f"{out(lay.vectors(key))}/prefvec_vector.json",
             _slice(format=1)))
     for name, eta in merge_etas(cfg).items():
         deps = base_dep + tuple(f"vectors/{p}" for p, e in eta.items() if e != 0.0)
@@ -188,24 +178,6 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
                preferences={k: _preference_slice(cfg, v)
                             for k, v in cfg.data.preferences.items()})))
     return stages
-
-
-def split_seed(key: str) -> tuple[str, int | None]:
-    """'helpful+@seed43' -> ('helpful+', 43); 'helpful+' -> ('helpful+', None)."""
-    name, sep, seed = key.partition(SEED_MARK)
-    return name, (int(seed) if sep else None)
-
-
-def seed_run_dir(cfg: RunConfig, seed: int) -> Path:
-    """The run folder of a diagnostic seed's DPO and vectors: <run_dir>/seeds/<seed>."""
-    return Path(cfg.run_dir) / "seeds" / str(seed)
-
-
-def output_dir(kind: str, key: str) -> str:
-    """Folder (relative to run_dir) of a dpo or vectors stage: `dpo/helpful+`, or for a
-    diagnostic seed `seeds/43/dpo/helpful+` (a run folder of its own, sharing theta_base)."""
-    name, seed = split_seed(key)
-    return f"{kind}/{name}" if seed is None else f"seeds/{seed}/{kind}/{name}"
 
 
 def groups(stages: list[Stage]) -> list[tuple[str, list[Stage]]]:
@@ -229,7 +201,3 @@ def stage_by_name(stages: list[Stage], name: str) -> Stage:
             return stage
     raise PrefvecError(f"unknown stage {name!r}: expected one of "
                        f"{', '.join(s.name for s in stages)}")
-
-
-def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline.dag import Stage
 
@@ -18,8 +19,8 @@ def run_eval(cfg: RunConfig, stages: list[Stage]) -> dict:
     """Sweep, diagnostics and report of the run; writes <run_dir>/eval/summary.json."""
     from prefvec_ds.eval.runner import evaluate_run  # noqa: PLC0415
 
-    run = Path(cfg.run_dir)
+    lay = RunLayout.of(cfg)
     # a merge stage that was skipped (ckpt tools absent) leaves no folder to score
-    models = {s.key: run / "merged" / s.key for s in stages
-              if s.kind == "merge" and (run / s.done_file).is_file()}
+    models = {s.key: lay.merged(s.key) for s in stages
+              if s.kind == "merge" and (lay.root / s.done_file).is_file()}
     return evaluate_run(cfg, models=models)

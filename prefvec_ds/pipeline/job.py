@@ -9,8 +9,8 @@ SLURM:
 
 RUN_CONFIG is the resolved snapshot `<run_dir>/pipeline/config.yaml` that `prefvec run|submit`
 writes. An up-to-date stage exits 0 at once (a requeued job that already finished, a re-run).
-Training stages start their ranks with the given launcher (`python -m prefvec_ds.entry` per
-rank) and pass SIGUSR1/SIGTERM on to them: the trainer checkpoints and exits with
+Training stages start their ranks with the given launcher (`python -m prefvec_ds.entry --job
+JSON` per rank, see distributed/launch.RankJob) and pass SIGUSR1/SIGTERM on to them: the trainer checkpoints and exits with
 REQUEUE_EXIT_CODE, recorded as `preempted`, and the next attempt resumes.
 
 Fault injection for tests: PREFVEC_FAIL_STAGES=dpo/harmless- (comma-separated stage names)
@@ -22,42 +22,43 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import link_atomic
+from prefvec_ds.config.layout import RunLayout, split_seed
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.schema import RunConfig
-from prefvec_ds.distributed.env import timeout_env  # stdlib only: no torch import here
+# stdlib only, no torch import here: the job is a light parent of the ranks
+from prefvec_ds.distributed.env import timeout_env
+from prefvec_ds.distributed.launch import LAUNCHERS, RankJob, launcher_command
+from prefvec_ds.distributed.process import (REQUEUE_EXIT_CODE, hold_signals, run_main, start,
+                                            wait_forwarding)
 from prefvec_ds.pipeline import manifest
-from prefvec_ds.pipeline.dag import (SEED_MARK, Stage, build_dag, groups, merge_etas,
-                                     output_dir, seed_run_dir, split_seed, stage_by_name)
+from prefvec_ds.pipeline.dag import Stage, build_dag, groups, stage_by_name
 
-REQUEUE_EXIT_CODE = 99  # prefvec_ds.train.loop.REQUEUE_EXIT_CODE (not imported: it pulls in torch)
 INJECTED_FAILURE_EXIT = 3
-LAUNCHERS = ("deepspeed", "torchrun", "srun")
 
 
-def _entry_args(cfg: RunConfig, stage: Stage) -> list[str]:
+def rank_job(cfg: RunConfig, stage: Stage) -> RankJob:
+    """The job every rank of a training stage runs (see RankJob)."""
     if stage.kind == "sft":
-        return ["sft", cfg.source_path]
+        return RankJob("sft", cfg.source_path)
     if stage.kind == "ref_logps":
-        return ["ref-logps", cfg.source_path, "--preference", stage.key]
+        return RankJob("ref-logps", cfg.source_path, preference=stage.key)
     direction, seed = split_seed(stage.key)
     if seed is None:
-        return ["dpo", cfg.source_path, "--direction", direction]
+        return RankJob("dpo", cfg.source_path, direction=direction)
     # a diagnostic seed: the same DPO in the run folder <run_dir>/seeds/<seed>, from the same
     # theta_base (and the same reference log-probs, see _share_ref_logps)
     from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
 
     base = Path(base_model_dir(cfg, must_exist=False)).resolve()
-    return ["dpo", cfg.source_path, f"seed={seed}",
-            f"run_dir={seed_run_dir(cfg, seed).resolve()}", f"model.base={base}",
-            "--direction", direction]
+    seed_dir = RunLayout.of(cfg).seed(seed).root.resolve()
+    return RankJob("dpo", cfg.source_path, (f"seed={seed}", f"run_dir={seed_dir}",
+                                            f"model.base={base}"), direction=direction)
 
 
 def _share_ref_logps(cfg: RunConfig, stage: Stage) -> None:
@@ -66,73 +67,16 @@ def _share_ref_logps(cfg: RunConfig, stage: Stage) -> None:
     direction, seed = split_seed(stage.key)
     if stage.kind != "dpo" or seed is None:
         return
-    name = f"{direction[:-1]}.pt"
-    link_atomic(seed_run_dir(cfg, seed).resolve() / "ref_logps" / name,
-                Path("..", "..", "..", "ref_logps", name))
+    pref = direction[:-1]
+    link_atomic(RunLayout.of(cfg).seed(seed).ref_logps(pref).resolve(),
+                Path("..", "..", "..", "ref_logps", f"{pref}.pt"))
 
 
 def rank_command(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
                  devices: list[int] | None = None) -> list[str]:
-    """The command that starts the stage's ranks (on `devices`, when given)."""
-    args = _entry_args(cfg, stage)
-    if launcher == "srun":
-        # srun inherits the job's allocation: nodes x ntasks-per-node ranks, and passes the
-        # signals it gets on to every task (SIGUSR1 before the time limit, SIGTERM on requeue).
-        return ["srun", "--kill-on-bad-exit=1", *cfg.pipeline.slurm.srun_args, sys.executable,
-                "-m", "prefvec_ds.entry", *args]
-    from prefvec_ds.distributed.env import free_port  # noqa: PLC0415
-    from prefvec_ds.distributed.launch import launcher_command  # noqa: PLC0415
-
-    if launcher == "deepspeed" and devices is not None:
-        # The deepspeed launcher drops CUDA_VISIBLE_DEVICES when --num_gpus is given and would
-        # start every direction on GPUs 0..n-1; --include pins this job to its own GPUs.
-        return ["deepspeed", "--include", "localhost:" + ",".join(map(str, devices)),
-                "--master_port", str(port or free_port()), "--module", "prefvec_ds.entry", *args]
-    return launcher_command(launcher, cfg.distributed.nproc_per_node, args, port)
-
-
-def tool_command(cfg: RunConfig, stage: Stage) -> list[str]:
-    """`prefvec vector|merge` argv (run in this process) for a vectors or merge stage."""
-    run = Path(cfg.run_dir)
-    if stage.kind == "vectors":
-        pref, seed = split_seed(stage.key)
-        tag = "" if seed is None else f"{SEED_MARK}{seed}"
-        return ["vector", "--plus", str(run / output_dir("dpo", f"{pref}+{tag}") / "ckpt"),
-                "--minus", str(run / output_dir("dpo", f"{pref}-{tag}") / "ckpt"),
-                "--out", str(run / output_dir("vectors", stage.key)), "--overwrite"]
-    from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
-
-    eta = merge_etas(cfg)[stage.key]
-    vectors = [f"{run / 'vectors' / p}={value:g}" for p, value in eta.items()]
-    dtype = [] if cfg.pipeline.merge_dtype == "base" else ["--dtype", cfg.pipeline.merge_dtype]
-    return ["merge", "--base", str(base_model_dir(cfg, must_exist=False)),
-            *[a for v in vectors for a in ("--vector", v)],
-            "--out", str(run / "merged" / stage.key), *dtype, "--overwrite"]
-
-
-_EARLY_SIGNALS: list[int] = []
-
-
-def _hold_signals() -> None:
-    """Until the ranks exist, remember USR1/TERM instead of dying of them (USR1's default
-    action is to terminate); a short in-process stage just finishes, and the job requeues."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: _EARLY_SIGNALS.append(signum))
-
-
-def _forwarding(proc: subprocess.Popen) -> None:
-    """Pass USR1/TERM (and any that came early) on to the rank launcher."""
-    def forward(signum, frame):  # noqa: ARG001
-        print(f"[prefvec] {signal.Signals(signum).name}: passing it to the ranks", flush=True)
-        try:
-            proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, forward)
-    for signum in _EARLY_SIGNALS:
-        forward(signum, None)
+    """The command that starts the stage's ranks (on the physical GPUs `devices`, when given)."""
+    return launcher_command(launcher, cfg.distributed.nproc_per_node, rank_job(cfg, stage),
+                            port, devices, srun_args=cfg.pipeline.slurm.srun_args)
 
 
 def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | None,
@@ -151,16 +95,7 @@ def _run_distributed(cfg: RunConfig, stage: Stage, launcher: str, port: int | No
         # (devices are physical ids: pipeline.local.device_slots maps them)
         env = stage_env(devices=devices if launcher == "torchrun" else None)
     env.update(timeout_env(cfg.distributed.timeout_minutes))  # collective timeout of the ranks
-    try:
-        proc = subprocess.Popen(cmd, env=env)
-    except FileNotFoundError:
-        raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH") from None
-    _forwarding(proc)
-    while True:
-        try:
-            return proc.wait()
-        except InterruptedError:  # a forwarded signal interrupted wait(): the ranks run on
-            continue
+    return wait_forwarding([start(cmd, env)])[0]
 
 
 def _run_mora(cfg: RunConfig, launcher: str, devices: list[int] | None) -> int:
@@ -180,16 +115,16 @@ def _run_mora(cfg: RunConfig, launcher: str, devices: list[int] | None) -> int:
 
 
 def _run_in_process(cfg: RunConfig, stage: Stage) -> int:
+    print(f"[prefvec] {stage.name}: in this process", flush=True)
     if stage.kind == "eval":
         from prefvec_ds.pipeline.evaluate import run_eval  # noqa: PLC0415
 
         run_eval(cfg, build_dag(cfg))
-        return 0
-    from prefvec_ds.cli import main as cli_main  # noqa: PLC0415
+    else:
+        from prefvec_ds.pipeline.arithmetic import run_arithmetic  # noqa: PLC0415
 
-    argv = tool_command(cfg, stage)
-    print(f"[prefvec] {stage.name}: prefvec {' '.join(argv)}", flush=True)
-    return cli_main(argv)
+        run_arithmetic(cfg, stage)
+    return 0
 
 
 def ckpt_tools_available() -> bool:
@@ -257,23 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _hold_signals()
-    try:
-        cfg = load_config(args.config)
-        stages = build_dag(cfg)
-        if args.stage:
-            stage = stage_by_name(stages, args.stage)
-        else:
-            members = dict(groups(stages)).get(args.group) or []
-            if not 0 <= args.index < len(members):
-                raise PrefvecError(f"--group {args.group} --index {args.index}: the group has "
-                                   f"{len(members)} stage(s)")
-            stage = members[args.index]
-        devices = [int(d) for d in args.devices.split(",")] if args.devices else None
-        return execute(cfg, stage, args.launcher, args.port, devices, args.log)
-    except PrefvecError as err:
-        print(f"prefvec: error: {err}", file=sys.stderr, flush=True)
-        return 2
+    hold_signals()
+    return run_main(lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    stages = build_dag(cfg)
+    if args.stage:
+        stage = stage_by_name(stages, args.stage)
+    else:
+        members = dict(groups(stages)).get(args.group) or []
+        if not 0 <= args.index < len(members):
+            raise PrefvecError(f"--group {args.group} --index {args.index}: the group has "
+                               f"{len(members)} stage(s)")
+        stage = members[args.index]
+    devices = [int(d) for d in args.devices.split(",")] if args.devices else None
+    return execute(cfg, stage, args.launcher, args.port, devices, args.log)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,14 @@ import yaml
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.loader import find_ds_config, load_config, resolve_ds_config, to_dict
+from prefvec_ds.config.layout import SNAPSHOT, RunLayout
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import expand_preference_paths
 from prefvec_ds.pipeline.dag import Stage, build_dag
 from prefvec_ds.train.stage import init_model_dir
 
-SNAPSHOT = ("pipeline", "config.yaml")
-
-
 def snapshot_path(run_dir: str | Path) -> Path:
-    return Path(run_dir).joinpath(*SNAPSHOT)
+    return RunLayout(Path(run_dir)).snapshot
 
 
 def validate(cfg: RunConfig) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
 
 from prefvec_ds import PrefvecError
 
@@ -107,32 +106,27 @@ def validate_data(cfg, model_dir, preference: str | None = None) -> None:
         tokenize_pairs(pairs, tokenizer, cfg.data)
 
 
-def entry_args(args: argparse.Namespace) -> list[str]:
-    out = [args.stage, args.config, *args.overrides]
-    if getattr(args, "direction", None):
-        out += ["--direction", args.direction]
-    if getattr(args, "preference", None):
-        out += ["--preference", args.preference]
-    return out
+def rank_job(args: argparse.Namespace):
+    from prefvec_ds.distributed.launch import RankJob  # noqa: PLC0415
+
+    return RankJob(args.stage, args.config, tuple(args.overrides),
+                   getattr(args, "direction", None), getattr(args, "preference", None))
 
 
 def run_train(args: argparse.Namespace) -> int:
     from prefvec_ds.distributed.launch import inside_launch, launcher_command, stage_env  # noqa: PLC0415
+    from prefvec_ds.distributed.process import start, wait_forwarding  # noqa: PLC0415
 
     cfg = validate(args)
+    job = rank_job(args)
     launcher = args.launcher or ("none" if inside_launch() else cfg.distributed.launcher)
     if launcher == "none":
-        from prefvec_ds.entry import run  # noqa: PLC0415
+        from prefvec_ds.entry import run_rank  # noqa: PLC0415
 
-        run(entry_args(args))  # this process is the rank: it ends there
-    cmd = launcher_command(launcher, args.nproc or cfg.distributed.nproc_per_node,
-                           entry_args(args))
-    try:
-        env = stage_env(timeout_minutes=cfg.distributed.timeout_minutes)
-        return subprocess.run(cmd, env=env).returncode
-    except FileNotFoundError:
-        raise PrefvecError(f"launcher {cmd[0]!r} not found on PATH (install deepspeed, or "
-                           "pass --launcher torchrun)") from None
+        run_rank(job)  # this process is the rank: it ends there
+    cmd = launcher_command(launcher, args.nproc or cfg.distributed.nproc_per_node, job)
+    proc = start(cmd, stage_env(timeout_minutes=cfg.distributed.timeout_minutes))
+    return wait_forwarding([proc])[0]
 
 
 def add_model_parsers(sub) -> None:

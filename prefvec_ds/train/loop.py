@@ -23,9 +23,9 @@ from torch.profiler import record_function
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.schema import OptimConfig
 from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed.process import REQUEUE_EXIT_CODE
 from prefvec_ds.train.schedule import rank_micro_batches
 
-REQUEUE_EXIT_CODE = 99
 _STOP = {"requested": False}
 
 

@@ -16,6 +16,7 @@ import torch
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import temporary_beside
 from prefvec_ds.config.loader import resolve_ds_config
+from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_preference
 from prefvec_ds.data.tokenize import TokenizedPair, fingerprint_pairs, pair_tokens, tokenize_pairs
@@ -23,11 +24,11 @@ from prefvec_ds.distributed import engine as dist
 from prefvec_ds.models.hf import model_fingerprint
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.schedule import shard_for_eval
-from prefvec_ds.train.stage import base_model_dir, load_tokenizer, run_path
+from prefvec_ds.train.stage import base_model_dir, load_tokenizer
 
 
 def ref_table_path(cfg: RunConfig, preference: str) -> Path:
-    return run_path(cfg, "ref_logps", f"{preference}.pt")
+    return RunLayout.of(cfg).ref_logps(preference)
 
 
 def tokenized_preference(cfg: RunConfig, preference: str, tokenizer) -> list[TokenizedPair]:

@@ -15,7 +15,7 @@ from prefvec_ds.distributed import engine as dist
 from prefvec_ds.train.logps import sequence_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.schedule import schedule_for
-from prefvec_ds.train.stage import init_model_dir, load_tokenizer, mark_done, run_path
+from prefvec_ds.train.stage import init_model_dir, load_tokenizer, mark_done
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "chat_template.jinja", "generation_config.json")
@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def train_sft(cfg: RunConfig) -> None:
     """Train, checkpoint (resumable), then export theta_base to <run_dir>/sft/model."""
-    folder = run_path(cfg, "sft")
+    folder = RunLayout.of(cfg).sft
     if dist.rank() == 0:
         init_model_dir(cfg)  # materialise the embedded model once
     dist.barrier()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_json_atomic
+from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.models.embedded import EMBEDDED_PREFIX, materialize_embedded_model
 from prefvec_ds.models.hf import check_model_dir
@@ -14,14 +15,10 @@ from prefvec_ds.models.hf import check_model_dir
 DONE_FILE = "done.json"
 
 
-def run_path(cfg: RunConfig, *parts: str) -> Path:
-    return Path(cfg.run_dir).joinpath(*parts)
-
-
 def init_model_dir(cfg: RunConfig, materialize: bool = True) -> Path:
     """The SFT stage's starting model: a HF folder, or the embedded model written once."""
     if cfg.model.path.startswith(EMBEDDED_PREFIX):
-        folder = run_path(cfg, "init_model")
+        folder = RunLayout.of(cfg).init_model
         if materialize:
             materialize_embedded_model(cfg.model.path.removeprefix(EMBEDDED_PREFIX), folder,
                                        cfg.seed)
@@ -33,7 +30,7 @@ def base_model_dir(cfg: RunConfig, must_exist: bool = True) -> Path:
     """theta_base: model.base, else the SFT output."""
     if cfg.model.base:
         return check_model_dir(cfg.model.base, "model.base")
-    folder = run_path(cfg, "sft", "model")
+    folder = RunLayout.of(cfg).sft_model
     if must_exist and not (folder / "config.json").is_file():
         raise PrefvecError(f"theta_base {folder} does not exist: run the SFT stage first "
                            "(`prefvec train sft CONFIG`) or set model.base to a HF folder")
@@ -50,7 +47,7 @@ def load_tokenizer(model_dir: Path):
 
 
 def direction_dir(cfg: RunConfig, direction: str) -> Path:
-    return run_path(cfg, "dpo", direction)
+    return RunLayout.of(cfg).dpo(direction)
 
 
 def mark_done(folder: Path, **payload) -> None:

@@ -4,14 +4,15 @@ because of it (review finding R9)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import pytest
 import torch
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
+from prefvec_ds.pipeline.arithmetic import merge_call
 from prefvec_ds.pipeline.dag import build_dag
-from prefvec_ds.pipeline.job import tool_command
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("bf16_merge", REPO / "benchmarks" / "bf16_merge.py")
@@ -40,10 +41,21 @@ def test_survival_of_changes_below_and_above_the_bf16_spacing():
 def test_pipeline_merges_write_fp32_by_default(tmp_path):
     cfg = load_config(REPO / "recipes" / "quickstart.yaml", [f"run_dir={tmp_path}"])
     merge = next(s for s in build_dag(cfg) if s.kind == "merge")
-    argv = tool_command(cfg, merge)
-    assert argv[argv.index("--dtype") + 1] == "fp32"
+    assert merge_call(cfg, merge).dtype == "fp32"
     base = load_config(REPO / "recipes" / "quickstart.yaml",
                        [f"run_dir={tmp_path}", "pipeline.merge_dtype=base"])
-    assert "--dtype" not in tool_command(base, merge)
+    assert merge_call(base, merge).dtype is None
     with pytest.raises(PrefvecError, match="pipeline.merge_dtype"):
         load_config(REPO / "recipes" / "quickstart.yaml", ["pipeline.merge_dtype=int8"])
+
+
+def test_a_merge_stage_passes_the_eta_its_fingerprint_records(tmp_path):
+    """The merge stage calls merge_vectors with the configured floats: formatting them into
+    an argv with `:g` once wrote eta 0.6666667 as 0.666667."""
+    cfg = load_config(REPO / "recipes" / "quickstart.yaml",
+                      [f"run_dir={tmp_path}", "pipeline.merges=[{name: third, eta: {helpful: "
+                       "0.6666667, harmless: -0.123456789}}]"])
+    merge = next(s for s in build_dag(cfg) if s.kind == "merge")
+    etas = {path.name: eta for path, eta in merge_call(cfg, merge).vectors}
+    assert etas == {"helpful": 0.6666667, "harmless": -0.123456789}
+    assert json.loads(merge.config_slice)["eta"] == etas  # what the fingerprint records

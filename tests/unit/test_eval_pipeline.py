@@ -6,7 +6,9 @@ import pytest
 
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import build_dag, groups, stage_by_name
-from prefvec_ds.pipeline.job import _share_ref_logps, rank_command, tool_command
+from prefvec_ds.distributed.launch import RankJob
+from prefvec_ds.pipeline.arithmetic import vector_call
+from prefvec_ds.pipeline.job import _share_ref_logps, rank_command
 from tests.unit.test_pipeline_dag import cfg_for, finish_all
 
 pytestmark = pytest.mark.unit
@@ -41,15 +43,14 @@ def test_diagnostic_seeds_add_dpo_and_vector_stages_in_their_own_run_folder(tmp_
     seed = stage_by_name(stages, "dpo/helpful-@seed43")
     assert seed.outputs == ("seeds/43/dpo/helpful-",) and seed.deps == ("ref_logps/helpful",)
     assert seed.config_slice != stage_by_name(stages, "dpo/helpful-").config_slice
-    cmd = rank_command(cfg, seed, "deepspeed", 29611)
+    job = RankJob.from_json(rank_command(cfg, seed, "deepspeed", 29611)[-1])
     run = tmp_path.resolve()
-    assert "seed=43" in cmd and f"run_dir={run / 'seeds' / '43'}" in cmd
-    assert f"model.base={run / 'sft' / 'model'}" in cmd and cmd[-2:] == ["--direction",
-                                                                        "helpful-"]
+    assert "seed=43" in job.overrides and f"run_dir={run / 'seeds' / '43'}" in job.overrides
+    assert f"model.base={run / 'sft' / 'model'}" in job.overrides and job.direction == "helpful-"
     vec = stage_by_name(stages, "vectors/helpful@seed43")
-    argv = tool_command(cfg, vec)
-    assert argv[argv.index("--plus") + 1] == str(tmp_path / "seeds/43/dpo/helpful+/ckpt")
-    assert argv[argv.index("--out") + 1] == str(tmp_path / "seeds/43/vectors/helpful")
+    call = vector_call(cfg, vec)
+    assert call.plus == tmp_path / "seeds/43/dpo/helpful+/ckpt"
+    assert call.out == tmp_path / "seeds/43/vectors/helpful"
     assert "vectors/helpful@seed43" in stage_by_name(stages, "eval").deps
     # the seed run reads the run's reference table through a link
     (tmp_path / "ref_logps").mkdir()

@@ -21,7 +21,8 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.distributed import engine as dist
 from prefvec_ds.distributed.env import cuda_device_index, discover, srun_task
-from prefvec_ds.distributed.launch import launcher_command, physical_gpus, stage_env, visible_gpu_ids
+from prefvec_ds.distributed.launch import (RankJob, launcher_command, physical_gpus, stage_env,
+                                           visible_gpu_ids)
 from prefvec_ds.pipeline.local import check_single_node, device_slots
 from prefvec_ds.pipeline.submit import check_accelerator_env
 from tests.conftest import REPO
@@ -133,14 +134,14 @@ def test_the_mapped_slot_reaches_the_rank_commands(tmp_path):
 
 def test_prefvec_train_deepspeed_command_keeps_a_preset_cuda_visible_devices():
     # `deepspeed --num_gpus 2` would start on GPUs 0,1 whatever CUDA_VISIBLE_DEVICES says
-    cmd = launcher_command("deepspeed", 2, ["sft", "x.yaml"], 29500,
-                           env={"CUDA_VISIBLE_DEVICES": "2,3,5"})
+    job = RankJob("sft", "x.yaml")
+    cmd = launcher_command("deepspeed", 2, job, 29500, env={"CUDA_VISIBLE_DEVICES": "2,3,5"})
     assert cmd[:3] == ["deepspeed", "--include", "localhost:2,3"] and "--num_gpus" not in cmd
-    assert launcher_command("deepspeed", 2, ["sft"], 29500, env={})[1:3] == ["--num_gpus", "2"]
+    assert launcher_command("deepspeed", 2, job, 29500, env={})[1:3] == ["--num_gpus", "2"]
     cpu = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
-    assert launcher_command("deepspeed", 2, ["sft"], 29500, env=cpu)[1:3] == ["--num_gpus", "2"]
+    assert launcher_command("deepspeed", 2, job, 29500, env=cpu)[1:3] == ["--num_gpus", "2"]
     with pytest.raises(PrefvecError, match="4 ranks requested"):
-        launcher_command("deepspeed", 4, ["sft"], 29500, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+        launcher_command("deepspeed", 4, job, 29500, env={"CUDA_VISIBLE_DEVICES": "2,3"})
 
 
 # --- R3/R4: rank discovery and device index -----------------------------------------------

@@ -44,15 +44,6 @@ SAME_PACKAGE = {"entry": "train"}
 #: The only units that may import deepspeed or torch.distributed.
 DISTRIBUTED_UNITS = {"distributed"}
 
-#: EXPECTED FAILURES, to be emptied when issue 13 items 1 and 2 (typed calls instead of argv,
-#: RunLayout) are merged: upward edges in files another change owns. The test fails as well
-#: when a listed edge is gone, so that the list cannot go stale.
-EXPECTED_UPWARD_EDGES_UNTIL_ISSUE_13_ITEMS_1_2 = {
-    ("prefvec_ds.eval.commands", "prefvec_ds.pipeline.dag"),
-    ("prefvec_ds.eval.runner", "prefvec_ds.pipeline.dag"),
-    ("prefvec_ds.pipeline.job", "prefvec_ds.cli"),
-}
-
 LAYER_OF = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 
 
@@ -142,13 +133,10 @@ def test_package_docstring_states_the_order():
 
 def test_no_upward_import():
     found = set(upward_edges())
-    unexpected = sorted(found - EXPECTED_UPWARD_EDGES_UNTIL_ISSUE_13_ITEMS_1_2)
-    gone = sorted(EXPECTED_UPWARD_EDGES_UNTIL_ISSUE_13_ITEMS_1_2 - found)
+    unexpected = sorted(found)
     order = " < ".join("/".join(layer) for layer in LAYERS)
     assert not unexpected, (f"imports that point up the layers ({order}):\n"
                             + "\n".join(where(e) for e in unexpected))
-    assert not gone, ("these expected upward edges are gone: remove them from "
-                      f"EXPECTED_UPWARD_EDGES_UNTIL_ISSUE_13_ITEMS_1_2: {gone}")
 
 
 def package_circles(edges) -> list[list[str]]:
@@ -210,7 +198,7 @@ def circle_path(edges, group: list[str]) -> list[tuple[str, str]]:
 
 
 def test_no_circle_between_packages():
-    edges = [e for e in EDGES if e not in EXPECTED_UPWARD_EDGES_UNTIL_ISSUE_13_ITEMS_1_2]
+    edges = EDGES
     circles = package_circles(edges)
     details = [f"among {', '.join(group)}, e.g.:\n  "
                + "\n  ".join(where(e) for e in circle_path(edges, group)) for group in circles]
@@ -235,3 +223,22 @@ def test_deepspeed_and_torch_distributed_only_in_distributed():
                 found.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{line}: imports {name}")
     assert not found, "deepspeed / torch.distributed outside prefvec_ds/distributed:\n" + \
         "\n".join(found)
+
+
+def test_library_code_calls_functions_not_our_command_lines():
+    """Inside a process, stages call typed functions (compute_vector, merge_vectors, run_rank):
+    nothing but the `prefvec` command itself imports prefvec_ds.cli, and nothing imports the
+    argv front doors (`main`) of entry.py or of the stage job."""
+    front_doors = {"prefvec_ds.cli", "prefvec_ds.entry.main", "prefvec_ds.pipeline.job.main"}
+    offenders = []
+    for name, path in module_files().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                targets = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                targets = {a.name for a in node.names}
+            else:
+                continue
+            if targets & front_doors and name != "prefvec_ds.cli":
+                offenders.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno}")
+    assert not offenders, "argv front doors called from library code:\n" + "\n".join(offenders)

@@ -11,6 +11,7 @@ from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import build_dag, downstream, groups
+from prefvec_ds.distributed.launch import RankJob
 from prefvec_ds.pipeline.job import rank_command
 from prefvec_ds.pipeline.local import device_slots, format_summary, StageResult
 from prefvec_ds.pipeline.slurm import JobState
@@ -124,7 +125,7 @@ def test_rank_commands_per_launcher(tmp_path):
     dpo = next(s for s in build_dag(cfg) if s.name == "dpo/harmless-")
     ds = rank_command(cfg, dpo, "deepspeed", 29611, [2, 3])
     assert ds[:5] == ["deepspeed", "--include", "localhost:2,3", "--master_port", "29611"]
-    assert ds[-2:] == ["--direction", "harmless-"]
+    assert ds[-2] == "--job" and RankJob.from_json(ds[-1]).direction == "harmless-"
     srun = rank_command(cfg, dpo, "srun", None)
     assert srun[:2] == ["srun", "--kill-on-bad-exit=1"] and "prefvec_ds.entry" in srun
 
