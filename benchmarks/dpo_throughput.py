@@ -437,11 +437,11 @@ def profile_rank(config: str, out: str, first: int, active: int) -> None:
 
     import prefvec_ds.train.loop as loop
     from prefvec_ds.config.loader import load_config
-    from prefvec_ds.distributed import engine as dist
+    from prefvec_ds.distributed import group
     from prefvec_ds.train.dpo import train_dpo
 
     cfg = load_config(config)
-    dist.init(cfg.seed)
+    group.init(cfg.seed)
     prof = profile(activities=[ProfilerActivity.CPU])
     plain = loop.rank_micro_batches
 
@@ -456,7 +456,7 @@ def profile_rank(config: str, out: str, first: int, active: int) -> None:
     if not hasattr(loop, "record_function"):  # a --before loop without the phase labels
         label_phases()
     train_dpo(cfg, DIRECTION)
-    if dist.rank() == 0:
+    if group.rank() == 0:
         events = prof.key_averages()
         phases = {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("loop/")}
         total = sum(phases.values())
@@ -465,7 +465,7 @@ def profile_rank(config: str, out: str, first: int, active: int) -> None:
         lines.append(events.table(sort_by="self_cpu_time_total", row_limit=25,
                                   max_name_column_width=50))
         Path(out).write_text("\n".join(lines))
-    dist.shutdown()
+    group.shutdown()
 
 
 def label_phases() -> None:
@@ -583,7 +583,7 @@ def describe(name: str, r: dict) -> str:
 def resolved_ds_config(config: Path, model: Path) -> dict:
     """prefvec's DeepSpeed JSON for the DPO stage, exactly as its ranks will use it."""
     from prefvec_ds.config.loader import load_config, resolve_ds_config
-    from prefvec_ds.distributed.engine import resolve_zero_auto
+    from prefvec_ds.distributed.zero_sizing import resolve_zero_auto
 
     cfg = load_config(config)
     ds = resolve_ds_config(cfg, cfg.dpo, cfg.distributed.nproc_per_node)

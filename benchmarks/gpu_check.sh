@@ -10,7 +10,7 @@
 # output is in DIR/logs/<name>.log. Exit status: the number of failed checks (0 = all good).
 # Checks, in order of value:
 #   versions    torch / CUDA / deepspeed / transformers / vLLM / nvcc / GPU
-#   collectives dist.init + all_reduce_sum, from_rank0, all_gather_objects (nccl on GPU: C1)
+#   collectives group.init + all_reduce_sum, from_rank0, all_gather_objects (nccl on GPU: C1)
 #   fused_adam  (GPU, background) time of DeepSpeed's FusedAdam JIT build (the configs use
 #               torch_adam, so nothing below waits for it: S1)
 #   sft         prefvec train sft, bf16 ZeRO-3 + gradient checkpointing, 1 rank (C2)
@@ -107,15 +107,15 @@ TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 
 check collectives 120 "${TORCHRUN[@]}" "$(pyfile collectives <<'EOF'
 import torch
-from prefvec_ds.distributed import engine as dist
-dist.init(seed=0)
+from prefvec_ds.distributed import collectives, group, model_build
+group.init(seed=0)
 import torch.distributed as tdist
-out = dist.all_reduce_sum({"a": 1.5, "b": 2.0})
+out = collectives.all_reduce_sum({"a": 1.5, "b": 2.0})
 assert out == {"a": 1.5, "b": 2.0}, out
-assert dist.from_rank0("tag") == "tag" and dist.all_gather_objects(3) == [3]
-dist.barrier()
-print(f"RESULT: backend {tdist.get_backend()} buffer on {dist.collective_device()}")
-dist.shutdown()
+assert collectives.from_rank0("tag") == "tag" and collectives.all_gather_objects(3) == [3]
+group.barrier()
+print(f"RESULT: backend {tdist.get_backend()} buffer on {collectives.collective_device()}")
+group.shutdown()
 EOF
 )"
 
@@ -191,23 +191,23 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from prefvec_ds.data.tokenize import TokenizedPair
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import collectives, group, model_build
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.losses import preference_loss
 
 folder, (h, inter, heads, kv, vocab) = Path(sys.argv[1]), map(int, sys.argv[2:7])
-info = dist.init(seed=0)
+info = group.init(seed=0)
 cuda = torch.cuda.is_available()
-if dist.rank() == 0 and not (folder / "config.json").exists():
+if group.rank() == 0 and not (folder / "config.json").exists():
     cfg = LlamaConfig(hidden_size=h, intermediate_size=inter, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=vocab, num_hidden_layers=2,
                       max_position_embeddings=2048, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
-dist.barrier()
+group.barrier()
 ds = json.loads(Path("ds_configs/zero3_gpu_bf16.json").read_text())
 ds.update(train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=1, train_batch_size=4)
 ds["optimizer"]["params"].update(lr=1e-6, weight_decay=0.0)
-engine = dist.build_engine(folder, ds, train=True, lr_lambda=lambda s: 1.0,
+engine = model_build.build_engine(folder, ds, train=True, lr_lambda=lambda s: 1.0,
                            gradient_checkpointing=True)
 g = torch.Generator().manual_seed(0)
 ids = lambda n: tuple(torch.randint(5, vocab, (n,), generator=g).tolist())
@@ -232,7 +232,7 @@ for step in range(3):
 n = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 print(f"RESULT: {n / 1e6:.1f}M params, peak GiB " + " ".join(f"{k} {v:.2f}" for k, v in marks.items())
       + f", {dt:.2f} s/step (4 pairs x 768 tokens)")
-dist.shutdown()
+group.shutdown()
 EOF
 )" "$OUT/probe" $SHAPE
 

@@ -46,10 +46,10 @@ def parse_job(argv: list[str] | None = None) -> RankJob:
 
 def run_stage(job: RankJob) -> None:
     """This process is one rank of `job`: join the group, train, leave the group."""
-    from prefvec_ds.distributed import engine as dist  # noqa: PLC0415
+    from prefvec_ds.distributed import group  # noqa: PLC0415
 
     cfg = load_config(job.config, list(job.overrides))
-    dist.init(cfg.seed)
+    group.init(cfg.seed)
     # no shutdown on error: its barrier would wait for ranks that may have died; the launcher
     # tears the job down when any rank exits non-zero.
     if job.stage == "sft":
@@ -64,14 +64,14 @@ def run_stage(job: RankJob) -> None:
         from prefvec_ds.train.dpo import train_dpo  # noqa: PLC0415
 
         train_dpo(cfg, job.direction)
-    dist.shutdown()
+    group.shutdown()
 
 
 def run_rank(job: RankJob) -> NoReturn:
     """The rank's whole process: the stage, then `exit_process` (no interpreter teardown while
     the process group's threads still run). The training loop's requeue exit comes as
     SystemExit; bad input is one line and exit 2."""
-    from prefvec_ds.distributed.engine import exit_process  # noqa: PLC0415
+    from prefvec_ds.distributed.group import exit_process  # noqa: PLC0415
 
     try:
         code = run_main(lambda: run_stage(job))

@@ -16,7 +16,7 @@ from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.pairs import is_held_out
 from prefvec_ds.data.tokenize import (TokenizedPair, direction_view, pair_tokens,
                                      require_safety_labels)
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import collectives, group, model_build
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.losses import LOSSES, SafetyLabels, preference_loss
@@ -63,7 +63,7 @@ def evaluate_pairs(engine, pairs, ref, pad_id: int, cfg: RunConfig) -> dict[str,
     sums = {"loss": 0.0, "rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0,
             "rewards/accuracies": 0.0, "n": 0.0}
     with torch.no_grad():
-        for idx, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(),
+        for idx, keep in shard_for_eval(len(pairs), group.world_size(), group.rank(),
                                         cfg.dpo.micro_batch_size * 2):
             loss, metrics, _ = pair_forward(engine, pairs, ref, idx, pad_id, cfg)
             if keep:
@@ -72,7 +72,7 @@ def evaluate_pairs(engine, pairs, ref, pad_id: int, cfg: RunConfig) -> dict[str,
                 for k in ("rewards/chosen", "rewards/rejected", "rewards/margins",
                           "rewards/accuracies"):
                     sums[k] += metrics[k].item() * len(idx)
-    totals = dist.all_reduce_sum(sums)
+    totals = collectives.all_reduce_sum(sums)
     n = max(totals.pop("n"), 1.0)
     return {k: v / n for k, v in totals.items()}
 
@@ -86,16 +86,16 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     pairs = tokenized_preference(cfg, preference, tokenizer)
     if LOSSES[cfg.dpo.loss_type].needs_safety:
         require_safety_labels(pairs, f"data.preferences.{preference}", cfg.dpo.loss_type)
-    world = dist.world_size()
+    world = group.world_size()
     ds = resolve_ds_config(cfg, cfg.dpo, world)
     table = ref_table(cfg, preference, base, tokenizer, pairs, ds)
     frac = cfg.data.preferences[preference].eval_fraction
     train, train_ref = oriented([p for p in pairs if not is_held_out(p.key, frac)], table, sign)
     held, held_ref = oriented([p for p in pairs if is_held_out(p.key, frac)], table, sign)
     schedule = schedule_for(len(train), cfg.dpo, world, f"dpo {direction}")
-    if dist.rank() == 0:
+    if group.rank() == 0:
         save_resolved(cfg, folder, ds)
-    engine = dist.build_engine(base, ds, train=True, lr_lambda=schedule,
+    engine = model_build.build_engine(base, ds, train=True, lr_lambda=schedule,
                                gradient_checkpointing=cfg.model.gradient_checkpointing)
     pad = tokenizer.pad_token_id
     evaluate = (lambda step: evaluate_pairs(engine, held, held_ref, pad, cfg)) if held else None
@@ -107,9 +107,9 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     result = {"direction": direction, "preference": preference, "sign": sign,
               "train_pairs": len(train), "eval_pairs": len(held), "steps": schedule.total_steps,
               "eval_start": evals[0] if evals else None, "eval_end": evals[-1] if evals else None,
-              "peak_rss_mb_per_rank": dist.peak_rss_mb_per_rank(),
-              "peak_gpu_mb_per_rank": dist.peak_gpu_mb_per_rank()}
-    if dist.rank() == 0:
+              "peak_rss_mb_per_rank": collectives.peak_rss_mb_per_rank(),
+              "peak_gpu_mb_per_rank": collectives.peak_gpu_mb_per_rank()}
+    if group.rank() == 0:
         write_json_atomic(folder / "eval.json", result)
         mark_done(folder, **result)
     return result

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from prefvec_ds.atomic import write_text_atomic
 from prefvec_ds.config.schema import OptimConfig
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import checkpoints, collectives, group
 from prefvec_ds.distributed.process import REQUEUE_EXIT_CODE
 from prefvec_ds.train.schedule import rank_micro_batches
 
@@ -64,7 +64,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         self.rows: list[dict] = []
-        if dist.rank() != 0:
+        if group.rank() != 0:
             return
         if path.is_file():
             self.rows = [r for r in map(json.loads, path.read_text().splitlines())
@@ -75,7 +75,7 @@ class MetricsLog:
         self._flush()
 
     def add(self, step: int, prefix: str, row: dict[str, float]) -> None:
-        if dist.rank() != 0:
+        if group.rank() != 0:
             return
         for key, value in row.items():
             self.tb.add_scalar(f"{prefix}/{key}", value, step)
@@ -89,7 +89,7 @@ class MetricsLog:
         write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
 
     def close(self) -> None:
-        if dist.rank() == 0:
+        if group.rank() == 0:
             self.tb.close()
 
 
@@ -105,9 +105,9 @@ def _set_rng_state(state: dict) -> None:
 def _save(engine, spec: LoopSpec, step: int, resumed_from: str | None = None) -> None:
     """Checkpoint, then drop complete tags beyond stage.keep_checkpoints (never the resumed
     one)."""
-    dist.save_checkpoint(engine, spec.ckpt_dir, step, {"step": step, "rng": _rng_state()})
+    checkpoints.save_checkpoint(engine, spec.ckpt_dir, step, {"step": step, "rng": _rng_state()})
     protect = {resumed_from} if resumed_from else set()
-    gone = dist.prune_checkpoints(spec.ckpt_dir, spec.stage.keep_checkpoints, protect)
+    gone = checkpoints.prune_checkpoints(spec.ckpt_dir, spec.stage.keep_checkpoints, protect)
     if gone:
         print(f"checkpoints pruned (keep_checkpoints={spec.stage.keep_checkpoints}): "
               f"{', '.join(gone)}", flush=True)
@@ -117,7 +117,7 @@ def _reduce_train_metrics(sums: dict[str, float], elapsed: float, steps: int,
                           engine) -> dict[str, float]:
     """Means over ranks and micro-batches; tokens/s and s/step over the wall time since the
     previous row (logging included, evaluation excluded)."""
-    totals = dist.all_reduce_sum(sums)
+    totals = collectives.all_reduce_sum(sums)
     n = totals.pop("_micro_batches")
     tokens = totals.pop("_tokens")
     row = {k: v / n for k, v in totals.items()}
@@ -133,7 +133,7 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
     """Train from the newest complete checkpoint (or step 0) to spec.total_steps; returns the
     whole metrics history (train/... and eval/... rows), including rows from before a resume."""
     install_signal_handlers()
-    client = dist.load_checkpoint(engine, spec.ckpt_dir)
+    client = checkpoints.load_checkpoint(engine, spec.ckpt_dir)
     step = int(client["step"]) if client else 0
     resumed_from = f"global_step{step}" if client else None
     if client:
@@ -145,8 +145,8 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
     t0, logged_step = time.perf_counter(), step
     engine.train()
     while step < spec.total_steps:
-        for idx in rank_micro_batches(step, spec.n_examples, spec.stage, dist.world_size(),
-                                      dist.rank(), spec.seed):
+        for idx in rank_micro_batches(step, spec.n_examples, spec.stage, group.world_size(),
+                                      group.rank(), spec.seed):
             with record_function("loop/forward"):
                 loss, metrics, n_tokens = spec.compute(idx)
             with record_function("loop/backward"):
@@ -178,20 +178,20 @@ def run_loop(engine, spec: LoopSpec) -> list[dict[str, float]]:
                 _save(engine, spec, step, resumed_from)
             print(f"stop requested: checkpoint at step {step} saved, exiting for requeue",
                   flush=True)
-            dist.shutdown()
+            group.shutdown()
             sys.exit(REQUEUE_EXIT_CODE)
     # rank 0 reads the (shared) folder and decides: every rank must agree to enter the save
-    if dist.resume_tag(spec.ckpt_dir) != f"global_step{step}":
+    if checkpoints.resume_tag(spec.ckpt_dir) != f"global_step{step}":
         _save(engine, spec, step, resumed_from)
     # only rank 0 holds the log: it decides, every rank follows (eval forwards are collective)
     final_eval = spec.evaluate is not None and not any(
         r["step"] == step and "eval/loss" in r for r in log.rows)
-    if dist.all_gather_objects(final_eval)[0]:
+    if collectives.all_gather_objects(final_eval)[0]:
         log.add(step, "eval", spec.evaluate(step))
     log.close()
-    return dist.all_gather_objects(log.rows)[0]
+    return collectives.all_gather_objects(log.rows)[0]
 
 
 def _stop_agreed() -> bool:
     """Every rank stops at the same step: a signal seen by any rank counts for all."""
-    return dist.all_reduce_sum({"stop": float(_STOP["requested"])})["stop"] > 0
+    return collectives.all_reduce_sum({"stop": float(_STOP["requested"])})["stop"] > 0

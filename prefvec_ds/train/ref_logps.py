@@ -20,7 +20,7 @@ from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_preference
 from prefvec_ds.data.tokenize import TokenizedPair, fingerprint_pairs, pair_tokens, tokenize_pairs
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import collectives, group, model_build
 from prefvec_ds.models.hf import model_fingerprint
 from prefvec_ds.train.logps import batch_logps, pair_collate, split_pair_logps
 from prefvec_ds.train.schedule import shard_for_eval
@@ -34,7 +34,7 @@ def ref_table_path(cfg: RunConfig, preference: str) -> Path:
 def tokenized_preference(cfg: RunConfig, preference: str, tokenizer) -> list[TokenizedPair]:
     pairs = load_preference(preference, cfg.data.preferences[preference], cfg.data)
     tokenized, stats = tokenize_pairs(pairs, tokenizer, cfg.data)
-    if dist.rank() == 0:
+    if group.rank() == 0:
         print(f"preference {preference}: {stats}", flush=True)
     return tokenized
 
@@ -67,7 +67,7 @@ def build_ref_logps(cfg: RunConfig, preference: str) -> Path:
     base = base_model_dir(cfg)
     tokenizer = load_tokenizer(base)
     pairs = tokenized_preference(cfg, preference, tokenizer)
-    ds = resolve_ds_config(cfg, cfg.dpo, dist.world_size())
+    ds = resolve_ds_config(cfg, cfg.dpo, group.world_size())
     ref_table(cfg, preference, base, tokenizer, pairs, ds)
     return ref_table_path(cfg, preference)
 
@@ -81,14 +81,14 @@ def ref_table(cfg: RunConfig, preference: str, base: Path, tokenizer,
     table = load_ref_table(out, fingerprint)
     if table is not None:
         return table
-    engine = dist.build_engine(base, ds, train=False)
+    engine = model_build.build_engine(base, ds, train=False)
     collate = pair_collate(engine, cfg.dpo.share_prompt)
     # pairs of similar length share a micro-batch: little padding (the order is irrelevant here)
     by_length = sorted(range(len(pairs)), key=lambda i: pair_tokens(pairs[i]))
     mine: list[tuple[int, float, float, int, int]] = []
     start = time.perf_counter()
     with torch.no_grad():
-        for pos, keep in shard_for_eval(len(pairs), dist.world_size(), dist.rank(),
+        for pos, keep in shard_for_eval(len(pairs), group.world_size(), group.rank(),
                                         cfg.dpo.micro_batch_size):
             idx = [by_length[i] for i in pos]
             logps, ntok = batch_logps(engine, collate([pairs[i] for i in idx],
@@ -96,17 +96,17 @@ def ref_table(cfg: RunConfig, preference: str, base: Path, tokenizer,
             (c, r), (nc, nr) = split_pair_logps(logps.cpu()), split_pair_logps(ntok.cpu())
             if keep:
                 mine += list(zip(idx, c.tolist(), r.tolist(), nc.tolist(), nr.tolist()))
-    rows = sorted(row for part in dist.all_gather_objects(mine) for row in part)
-    if dist.rank() == 0:
+    rows = sorted(row for part in collectives.all_gather_objects(mine) for row in part)
+    if group.rank() == 0:
         print(f"reference log-probs: {len(pairs)} pairs in {time.perf_counter() - start:.1f} s",
               flush=True)
-    if dist.rank() == 0:
+    if group.rank() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_beside(out)  # both directions of a preference may compute it at once
         torch.save({"fingerprint": fingerprint, "keys": [pairs[i].key for i, *_ in rows],
                     "logps": torch.tensor([[c, r] for _, c, r, _, _ in rows], dtype=torch.float64),
                     "tokens": torch.tensor([[nc, nr] for *_, nc, nr in rows])}, tmp)
         tmp.replace(out)
-    dist.barrier()
+    group.barrier()
     del engine
     return {pairs[i].key: (c, r, int(nc), int(nr)) for i, c, r, nc, nr in rows}

@@ -7,11 +7,12 @@ import shutil
 import torch
 
 from prefvec_ds.ckpt.writer import DTYPES_BY_NAME, atomic_output_dir
+from prefvec_ds.config.layout import RunLayout
 from prefvec_ds.config.loader import resolve_ds_config, save_resolved
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.data.sources import load_sft_examples
 from prefvec_ds.data.tokenize import collate_sft, tokenize_sft
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import checkpoints, collectives, group, model_build
 from prefvec_ds.train.logps import sequence_logps
 from prefvec_ds.train.loop import LoopSpec, run_loop
 from prefvec_ds.train.schedule import schedule_for
@@ -24,18 +25,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def train_sft(cfg: RunConfig) -> None:
     """Train, checkpoint (resumable), then export theta_base to <run_dir>/sft/model."""
     folder = RunLayout.of(cfg).sft
-    if dist.rank() == 0:
+    if group.rank() == 0:
         init_model_dir(cfg)  # materialise the embedded model once
-    dist.barrier()
+    group.barrier()
     start = init_model_dir(cfg, materialize=False)
     tokenizer = load_tokenizer(start)
     examples = tokenize_sft(load_sft_examples(cfg.data), tokenizer, cfg.data)
-    world = dist.world_size()
+    world = group.world_size()
     ds = resolve_ds_config(cfg, cfg.sft, world)
     schedule = schedule_for(len(examples), cfg.sft, world, "sft")
-    if dist.rank() == 0:
+    if group.rank() == 0:
         save_resolved(cfg, folder, ds)
-    engine = dist.build_engine(start, ds, train=True, lr_lambda=schedule,
+    engine = model_build.build_engine(start, ds, train=True, lr_lambda=schedule,
                                gradient_checkpointing=cfg.model.gradient_checkpointing)
 
     def compute(idx: list[int]):
@@ -46,8 +47,8 @@ def train_sft(cfg: RunConfig) -> None:
     history = run_loop(engine, LoopSpec(cfg.sft, len(examples), schedule.total_steps, cfg.seed,
                                         folder, compute))
     export_model(engine, start, folder / "model", DTYPES_BY_NAME[cfg.model.dtype])
-    rss = dist.peak_rss_mb_per_rank()
-    if dist.rank() == 0:
+    rss = collectives.peak_rss_mb_per_rank()
+    if group.rank() == 0:
         mark_done(folder, steps=schedule.total_steps, last=history[-1] if history else {},
                   peak_rss_mb_per_rank=rss)
 
@@ -68,12 +69,12 @@ def sft_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 def export_model(engine, tokenizer_src, target, dtype: torch.dtype) -> None:
     """HF folder (weights, config, tokenizer), written to a temporary folder then renamed."""
-    if dist.rank() == 0:
+    if group.rank() == 0:
         with atomic_output_dir(target, overwrite=True) as tmp:
-            dist.export_hf(engine, tmp, dtype)
+            checkpoints.export_hf(engine, tmp, dtype)
             for name in TOKENIZER_FILES:
                 if (tokenizer_src / name).is_file():
                     shutil.copy2(tokenizer_src / name, tmp / name)
     else:
-        dist.export_hf(engine, target, dtype)  # takes part in the gathers, writes nothing
-    dist.barrier()
+        checkpoints.export_hf(engine, target, dtype)  # takes part in the gathers, writes nothing
+    group.barrier()

@@ -20,12 +20,12 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch.distributed as tdist
-    from prefvec_ds.distributed import engine as dist
+    from prefvec_ds.distributed import checkpoints
 
     rank, root = int(sys.argv[1]), Path(sys.argv[2])
     tdist.init_process_group("gloo", rank=rank, world_size=2)
     view = root / f"view{rank}"          # this rank's (stale or fresh) listing
-    result = {"own": dist.latest_complete_tag(view), "agreed": dist.resume_tag(view)}
+    result = {"own": checkpoints.latest_complete_tag(view), "agreed": checkpoints.resume_tag(view)}
     (root / f"out{rank}.json").write_text(json.dumps(result))
     tdist.destroy_process_group()
 """)

@@ -24,25 +24,25 @@ BUILD_TWICE = textwrap.dedent("""
     import sys
     from pathlib import Path
     import torch
-    from prefvec_ds.distributed import engine as dist
+    from prefvec_ds.distributed import group, model_build
 
     model_dir = Path(sys.argv[1])
-    dist.init(seed=0)
+    group.init(seed=0)
     ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
           "train_batch_size": 1, "zero_optimization": {"stage": 3},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}}}
     ids = torch.tensor([[1, 5, 7, 9, 11, 3]])
-    reference = dist.build_engine(model_dir, ds, train=False)
+    reference = model_build.build_engine(model_dir, ds, train=False)
     with torch.no_grad():
         ref_logits = reference(input_ids=ids).logits
-    policy = dist.build_engine(model_dir, ds, train=True, lr_lambda=lambda s: 1.0,
+    policy = model_build.build_engine(model_dir, ds, train=True, lr_lambda=lambda s: 1.0,
                                gradient_checkpointing=True)
     logits = policy(input_ids=ids).logits
     policy.backward(logits.float().logsumexp(-1).mean())
     policy.step()
     assert torch.allclose(logits.detach(), ref_logits, atol=1e-5), "two builds differ"
     print("OK", tuple(logits.shape))
-    dist.shutdown()
+    group.shutdown()
 """)
 
 

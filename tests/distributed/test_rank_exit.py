@@ -16,14 +16,14 @@ from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent("""
     import atexit, sys
-    from prefvec_ds.distributed import engine as dist
+    from prefvec_ds.distributed import collectives, group
     atexit.register(lambda: print("teardown ran", flush=True))
     if sys.argv[1] == "group":
-        dist.init(seed=0)
-        dist.all_reduce_sum({"x": 1.0})
-        dist.shutdown()
+        group.init(seed=0)
+        collectives.all_reduce_sum({"x": 1.0})
+        group.shutdown()
     print("result line", end="")  # unflushed: exit_process must flush it
-    dist.exit_process(int(sys.argv[2]))
+    group.exit_process(int(sys.argv[2]))
 """)
 
 

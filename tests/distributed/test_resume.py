@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from prefvec_ds.distributed.engine import COMPLETE_MARKER
+from prefvec_ds.distributed.checkpoints import COMPLETE_MARKER
 from tests.conftest import REPO
 from tests.distributed.conftest import metrics, prefvec, write_config
 

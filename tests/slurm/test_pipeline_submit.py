@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline_fixtures import (final_eval, local_run, prefvec, read_manifests,  # noqa: E402,F401
                                run_args)
 
-from prefvec_ds.distributed.engine import COMPLETE_MARKER  # noqa: E402
+from prefvec_ds.distributed.checkpoints import COMPLETE_MARKER
 from prefvec_ds.pipeline import slurm  # noqa: E402
 
 DIRECTIONS = ("helpful+", "helpful-", "harmless+", "harmless-")

@@ -19,7 +19,7 @@ import torch.distributed as tdist
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.loader import load_config
-from prefvec_ds.distributed import engine as dist
+from prefvec_ds.distributed import checkpoints, collectives
 from prefvec_ds.distributed.env import cuda_device_index, discover, srun_task
 from prefvec_ds.distributed.launch import (RankJob, launcher_command, physical_gpus, stage_env,
                                            visible_gpu_ids)
@@ -51,7 +51,7 @@ def one_rank_group(tmp_path):
     ("gloo", ["cpu", "cuda"]), ("nccl", ["cuda"]), ("cuda:gloo", ["cuda"]),
     ("cpu:gloo,cuda:nccl", ["cpu", "cuda"])])
 def test_served_device_types(backend, served):
-    assert dist.served_device_types(backend) == served
+    assert collectives.served_device_types(backend) == served
 
 
 def test_metric_all_reduce_on_a_cuda_only_group_does_not_use_a_cpu_buffer(one_rank_group):
@@ -59,19 +59,19 @@ def test_metric_all_reduce_on_a_cuda_only_group_does_not_use_a_cpu_buffer(one_ra
     one_rank_group("cuda:gloo")
     with pytest.raises(RuntimeError, match="device type cpu"):
         tdist.all_reduce(torch.zeros(1, dtype=torch.float64))  # what the old helper did
-    assert dist.served_device_types(tdist.get_backend()) == ["cuda"]
+    assert collectives.served_device_types(tdist.get_backend()) == ["cuda"]
     # the helper now asks for a CUDA buffer: on this CPU-only torch that fails for lack of
     # CUDA, not with the group's "no backend for device type cpu"
     with pytest.raises((AssertionError, RuntimeError)) as err:
-        dist.all_reduce_sum({"loss": 1.0})
+        collectives.all_reduce_sum({"loss": 1.0})
     assert "device type cpu" not in str(err.value)
 
 
 def test_metric_all_reduce_on_gloo_stays_on_cpu(one_rank_group):
     one_rank_group("gloo")
-    assert dist.collective_device() == torch.device("cpu")
-    assert dist.all_reduce_sum({"b": 2.0, "a": 1.5}) == {"a": 1.5, "b": 2.0}
-    assert dist.from_rank0({"tag": "global_step3"}) == {"tag": "global_step3"}
+    assert collectives.collective_device() == torch.device("cpu")
+    assert collectives.all_reduce_sum({"b": 2.0, "a": 1.5}) == {"a": 1.5, "b": 2.0}
+    assert collectives.from_rank0({"tag": "global_step3"}) == {"tag": "global_step3"}
 
 
 # --- C2: SFT batch placement --------------------------------------------------------------
@@ -236,7 +236,7 @@ def _tag(ckpt, step, complete=True):
     folder.mkdir(parents=True)
     (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"x")
     if complete:
-        (folder / dist.COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+        (folder / checkpoints.COMPLETE_MARKER).write_text(json.dumps({"step": step}))
     return folder
 
 
@@ -246,18 +246,18 @@ def test_pruning_keeps_the_newest_complete_tags_and_the_protected_ones(tmp_path)
         _tag(ckpt, step)
     _tag(ckpt, 600, complete=False)  # being written, or a crashed save
     (ckpt / "latest").write_text("global_step500")
-    assert [p.name for p in dist.tags_to_prune(ckpt, 2, {"global_step200"})] == [
+    assert [p.name for p in checkpoints.tags_to_prune(ckpt, 2, {"global_step200"})] == [
         "global_step100", "global_step300"]
-    assert dist.tags_to_prune(ckpt, 0) == []
+    assert checkpoints.tags_to_prune(ckpt, 0) == []
     (ckpt / "latest").write_text("global_step100")  # `latest` is never deleted
-    assert [p.name for p in dist.tags_to_prune(ckpt, 2)] == [
+    assert [p.name for p in checkpoints.tags_to_prune(ckpt, 2)] == [
         "global_step200", "global_step300"]
-    gone = dist.prune_checkpoints(ckpt, 2)
+    gone = checkpoints.prune_checkpoints(ckpt, 2)
     assert gone == ["global_step200", "global_step300"]
     left = sorted(p.name for p in ckpt.iterdir())
     assert left == ["global_step100", "global_step400", "global_step500", "global_step600",
                     "latest"]
-    assert dist.latest_complete_tag(ckpt) == "global_step500"
+    assert checkpoints.latest_complete_tag(ckpt) == "global_step500"
 
 
 def test_keep_checkpoints_is_a_validated_field(tmp_path):

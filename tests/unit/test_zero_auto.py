@@ -1,6 +1,6 @@
 import pytest
 
-from prefvec_ds.distributed.engine import resolve_zero_auto
+from prefvec_ds.distributed.zero_sizing import resolve_zero_auto
 
 
 def test_auto_zero_sizes_follow_the_hidden_size():
