@@ -38,7 +38,7 @@ _TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _base_plan(base) -> list[str]:
-    """Names the merged model will hold: the base's tensors (ZeRO-3: params, tied aliases and
+    """Names the merged model will hold: the base's tensors (DeepSpeed: params, tied aliases and
     persistent buffers, since a HF loader may expect each of them)."""
     if base.kind in DEEPSPEED_KINDS:
         return base.names() + list(base.aliases) + list(base.buffers())
@@ -66,7 +66,7 @@ def _default_dtype(base) -> str:
 
 
 def _config_folder(base, config_from: str | Path | None) -> Path | None:
-    """Where config/tokenizer files come from: --config-from, the HF base, or for a ZeRO-3 base
+    """Where config/tokenizer files come from: --config-from, the HF base, or for a DeepSpeed base
     the checkpoint folder or its parent (trainers save the HF config beside checkpoints)."""
     if config_from is not None:
         folder = Path(config_from)
@@ -156,7 +156,7 @@ def _ordered(names: list[str], vectors: list, maps: list[dict[str, str]]) -> lis
 
 
 def _buffer_segments(name: str, tensor) -> tuple:
-    """A ZeRO-3 base's persistent buffer (full on rank 0) as one segment of its file."""
+    """A DeepSpeed base's persistent buffer (full in a model-states file) as one segment."""
     if not tensor.is_contiguous():
         raise PrefvecError(f"file {tensor.file}: buffer {name}: not contiguous")
     return (Segment(0, tensor.numel(), tensor.dtype, tensor.file, tensor.offset,

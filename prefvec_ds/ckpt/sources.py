@@ -121,8 +121,9 @@ class DiffSource(SegmentSource):
     """phi = plus - minus, built per tensor on demand.
 
     Fast path: two DeepSpeed checkpoints of one stage with the same flat layout (W, sub-groups or
-    param groups, param order) are subtracted at identical flat offsets, rank file by rank file, without any name lookup on the
-    minus side. Otherwise each side is read through its own named layout (same result).
+    param groups, param order) are subtracted at identical flat offsets, rank file by rank file,
+    without any name lookup on the minus side. Otherwise each side is read through its own named
+    layout (same result).
     """
 
     kind = "diff"

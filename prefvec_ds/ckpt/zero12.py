@@ -74,7 +74,8 @@ def is_zero12_tag(tag_dir: Path) -> bool:
 
 
 def _model_file(tag_dir: Path) -> Path:
-    found = sorted(p for p in tag_dir.glob("mp_rank_*_model_states.pt") if _MODEL_FILE.match(p.name))
+    found = sorted(p for p in tag_dir.glob("mp_rank_*_model_states.pt")
+                   if _MODEL_FILE.match(p.name))
     if [p.name for p in found] != ["mp_rank_00_model_states.pt"]:
         raise PrefvecError(f"folder {tag_dir}: expected exactly mp_rank_00_model_states.pt, found "
                            f"{[p.name for p in found]}; only mp_rank_00 (no tensor/pipeline "

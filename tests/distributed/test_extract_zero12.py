@@ -17,7 +17,8 @@ from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
 from prefvec_ds.ckpt.sources import open_source, open_vector
 from prefvec_ds.ckpt.zero12 import Zero12Checkpoint
 from prefvec_ds.cli import main
-from tests.ckpt_fixtures import ZERO12_SETS, reference_state_dict, zero3_sets, zero12_sets  # noqa: F401
+from tests.ckpt_fixtures import (ZERO12_SETS, reference_state_dict, zero3_sets,  # noqa: F401
+                                 zero12_sets)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.dist
