@@ -39,12 +39,18 @@ SETS = {
 # - "z1_w1_fp32_tied":   stage 1, W=1, fp32, tied.
 # - "z1_w2_bf16":        stage 1, W=2, bf16, a frozen weight (stage 1 saves no frozen fragments:
 #   it is only in the full `module`).
+# - "z1_w2_bf16_fp32acc": stage 1, W=2, bf16 with fp32 gradient accumulation: DeepSpeed picks its
+#   BF16_Optimizer, whose state has no zero_stage (only ds_config says 1) and keeps the group
+#   padding; zero_to_fp32 cannot read it, so the test checks the masters against the module's
+#   bf16 weights (DeepSpeed copies the masters into them after each step).
 ZERO12_SETS = {
     "z2_w2_fp32_tied": dict(world=2, dtype="fp32", tie=True, frozen=False, tiny=False, stage=2),
     "z2_w3_bf16_frozen": dict(world=3, dtype="bf16", tie=False, frozen=True, tiny=True, stage=2,
                               align=True, round_robin=True),
     "z1_w1_fp32_tied": dict(world=1, dtype="fp32", tie=True, frozen=False, tiny=False, stage=1),
     "z1_w2_bf16": dict(world=2, dtype="bf16", tie=False, frozen=True, tiny=False, stage=1),
+    "z1_w2_bf16_fp32acc": dict(world=2, dtype="bf16", tie=True, frozen=False, tiny=False, stage=1,
+                               fp32_accumulation=True),
 }
 ALL_SETS = {**SETS, **ZERO12_SETS}
 BUILD_TIMEOUT_S = 600
@@ -95,7 +101,9 @@ def _ds_config(spec: dict) -> dict:
     else:
         zero = {"stage": 3, "sub_group_size": spec["sub_group"],
                 "stage3_param_persistence_threshold": 0}
+    extra = {"data_types": {"grad_accum_dtype": "fp32"}} if spec.get("fp32_accumulation") else {}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1000,
