@@ -110,9 +110,11 @@ def _check_paddings(path: Path, paddings, shapes: list) -> None:
     if paddings is None:
         return  # DeepSpeed before param_alignment_paddings: parameters are back to back
     if not isinstance(paddings, list) or len(paddings) != len(shapes) or any(
-            not isinstance(p, list) or len(p) != len(s) for p, s in zip(paddings, shapes)):
+            not isinstance(p, list) or len(p) != len(s)
+            or not all(isinstance(x, int) and x >= 0 for x in p)
+            for p, s in zip(paddings, shapes)):
         raise PrefvecError(f"file {path}: parameter param_alignment_paddings: expected one list "
-                           f"per param group with one entry per parameter of param_shapes "
+                           f"per param group with one count >= 0 per parameter of param_shapes "
                            f"({[len(s) for s in shapes]})")
 
 
@@ -132,7 +134,9 @@ class Zero12Checkpoint(SegmentSource):
         self.optim_files = rank_files(self.tag_dir, "optim")
         self._model_states = load_pickle_file(self.model_file, "ZeRO-1/2 model states")
         states = self._model_states
-        if not isinstance(states.get("param_shapes"), list) or "buffer_names" not in states:
+        shapes = states.get("param_shapes")
+        if not isinstance(shapes, list) or not all(isinstance(g, dict) for g in shapes) \
+                or "buffer_names" not in states:
             raise PrefvecError(f"file {self.model_file}: parameter param_shapes: expected a list "
                                "of param groups (name -> shape): not a DeepSpeed ZeRO-1/2 "
                                "model-states file")
