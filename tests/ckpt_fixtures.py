@@ -1,4 +1,4 @@
-"""Real DeepSpeed ZeRO-3 checkpoints for the ckpt tests, built once per test session.
+"""Real DeepSpeed ZeRO-3 and ZeRO-1/2 checkpoints for the ckpt tests, built once per test session.
 
 Run as a script, this file is one rank of a tiny training job: it builds a pico Llama from a seed,
 saves it as the HF base, then trains a "plus" and a "minus" copy for two AdamW steps on different
