@@ -2,6 +2,7 @@
 
     python benchmarks/extract_merge.py --workdir /tmp/prefvec-bench --also-layers 12  # 374M, W=2
     python benchmarks/extract_merge.py --workdir /tmp/prefvec-bench --layers 12 --only-ours
+    python benchmarks/extract_merge.py --workdir /tmp/prefvec-bench --layers 2 --only-ours --zero2
 
 Builds (once, cached in --workdir) a Llama of hidden 1024, 24 layers, vocab 32000 (374M params,
 untied), saves it as the HF base, and trains a "plus" and a "minus" copy for one AdamW step with
@@ -20,7 +21,9 @@ With --crc-cost, (b) is also timed without the CRC-32 check of the rank files' r
 (PREFVEC_VERIFY_CRC=0), interleaved with runs that have it, and the check's cost is printed.
 Both outputs are compared tensor by tensor (max abs difference printed). With --also-layers N,
 (b) is measured on a second model size too (built and cached the same way), to check that its
-peak RSS does not grow with the model.
+peak RSS does not grow with the model. With --zero2, the same model is also trained and saved
+under ZeRO stage 2 (W=2; cached likewise), and the extractor (`prefvec vector PLUS MINUS`) and
+(b) are timed on the ZeRO-2 checkpoints next to the ZeRO-3 ones, cold cache each.
 """
 
 from __future__ import annotations
@@ -49,19 +52,23 @@ def model_config(layers: int) -> dict:
                 tie_word_embeddings=False)
 
 
-def ds_config() -> dict:
-    """ZeRO-3, fp32, settings that kept a 374M CPU run at ~11.5 GB (see the facts note)."""
+def ds_config(stage: int = 3) -> dict:
+    """ZeRO-3, fp32, settings that kept a 374M CPU run at ~11.5 GB (see the facts note); or
+    ZeRO-2 with the same bucket sizes (its fp32 masters: one flat partition per rank)."""
+    if stage == 2:
+        zero = {"stage": 2, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    else:
+        zero = {"stage": 3, "sub_group_size": 5e7, "reduce_bucket_size": 5e7,
+                "stage3_prefetch_bucket_size": 2e7, "stage3_max_live_parameters": 5e7,
+                "stage3_max_reuse_distance": 5e7}
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
             "steps_per_print": 10**6,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True,
                                                       "foreach": False}},
-            "zero_optimization": {"stage": 3, "sub_group_size": 5e7, "reduce_bucket_size": 5e7,
-                                  "stage3_prefetch_bucket_size": 2e7,
-                                  "stage3_max_live_parameters": 5e7,
-                                  "stage3_max_reuse_distance": 5e7}}
+            "zero_optimization": zero}
 
 
-def _rank_build(out: Path, layers: int, label: str, seed: int) -> None:
+def _rank_build(out: Path, layers: int, label: str, seed: int, stage: int = 3) -> None:
     """One rank of a build launch: base model (same seed everywhere) -> 1 step -> checkpoint."""
     import torch
     import torch._dynamo  # noqa: F401
@@ -75,7 +82,7 @@ def _rank_build(out: Path, layers: int, label: str, seed: int) -> None:
     if label == "plus" and dist.get_rank() == 0:
         model.save_pretrained(out / "base")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                      config=ds_config())
+                                      config=ds_config(stage))
     gen = torch.Generator().manual_seed(seed * 10 + dist.get_rank())
     ids = torch.randint(0, 32000, (1, 16), generator=gen)
     engine.backward(engine(input_ids=ids, labels=ids).loss)
@@ -91,16 +98,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build(workdir: Path, layers: int) -> Path:
-    out = workdir / f"llama_L{layers}"
+def build(workdir: Path, layers: int, stage: int = 3) -> Path:
+    out = workdir / (f"llama_L{layers}" if stage == 3 else f"llama_L{layers}_zero{stage}")
     for label, seed in (("plus", 1), ("minus", 2)):
         if (out / label / "latest").is_file():
             continue
-        print(f"building {label} checkpoint of L={layers} (2 ranks)...", flush=True)
+        print(f"building {label} ZeRO-{stage} checkpoint of L={layers} (2 ranks)...", flush=True)
         env = dict(os.environ, **DS_ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
                    WORLD_SIZE="2")
         procs = [subprocess.Popen([sys.executable, str(HERE), "--rank-build", str(out), label,
-                                   str(layers), str(seed)],
+                                   str(layers), str(seed), str(stage)],
                                   env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(2)]
         if any(p.wait() for p in procs):
             raise SystemExit(f"building {label} failed")
@@ -250,12 +257,10 @@ def crc_cost(models: Path, work: Path, workers: int, repeats: int) -> dict:
     for _ in range(repeats):
         on.append(timed())
         off.append(timed({"PREFVEC_VERIFY_CRC": "0"}))
-    sys.path.insert(0, str(HERE.parents[1]))
     from prefvec_ds.ckpt import crc
-    from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
 
     checked = sum(f.stat().st_size for label in ("plus", "minus")
-                  for f in Zero3Checkpoint(models / label).optim_files)
+                  for f in checkpoint(models / label).optim_files)
     t_on, t_off = (statistics.median(r[0] for r in runs) for runs in (on, off))
     c_on, c_off = (statistics.median(r[1] for r in runs) for runs in (on, off))
     impl = f"{crc._crc32.__module__ or 'zlib'}.crc32"
@@ -272,21 +277,23 @@ def crc_cost(models: Path, work: Path, workers: int, repeats: int) -> dict:
 def bytes_moved(models: Path, out: Path) -> tuple[int, int]:
     """(bytes the merge must read: valid fp32 partition bytes of both checkpoints + base
     safetensors, bytes it writes)."""
-    sys.path.insert(0, str(HERE.parents[1]))
-    from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
-
     read = sum(f.stat().st_size for f in (models / "base").glob("*.safetensors"))
     for label in ("plus", "minus"):
-        layout = Zero3Checkpoint(models / label).layout
+        layout = checkpoint(models / label).layout
         read += sum(s.numel * 4 for g in layout.groups for s in g)  # padding excluded
     return read, sum(f.stat().st_size for f in out.glob("*.safetensors"))
 
 
-def num_params(models: Path) -> int:
+def checkpoint(folder: Path):
+    """Our reader for a DeepSpeed checkpoint of any ZeRO stage (its layout, its rank files)."""
     sys.path.insert(0, str(HERE.parents[1]))
-    from prefvec_ds.ckpt.zero3 import Zero3Checkpoint
+    from prefvec_ds.ckpt.sources import open_deepspeed
 
-    return sum(s.numel for g in Zero3Checkpoint(models / "plus").layout.groups for s in g)
+    return open_deepspeed(folder)
+
+
+def num_params(models: Path) -> int:
+    return sum(s.numel for g in checkpoint(models / "plus").layout.groups for s in g)
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -316,6 +323,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="median of this many runs (and of this many disk probes)")
     ap.add_argument("--only-ours", action="store_true", help="skip the conventional route")
+    ap.add_argument("--zero2", action="store_true",
+                    help="also build ZeRO-2 checkpoints of the model and time the extractor "
+                         "(prefvec vector) and (b) on them next to the ZeRO-3 ones")
     ap.add_argument("--crc-cost", action="store_true",
                     help="also time (b) with and without the CRC-32 check (issue 14: <= 10%%)")
     ap.add_argument("--results", type=Path, default=None, metavar="FILE",
@@ -375,6 +385,10 @@ def run(args: argparse.Namespace) -> None:
         results.update(crc_cost(models, work, args.workers, args.repeats))
     if args.also_layers:
         results["also"] = _second_size(args, params, b_wall, b_rss)
+    if args.zero2:
+        from extract_merge_zero2 import zero2_next_to_zero3  # noqa: PLC0415
+
+        results["zero2_vs_zero3"] = zero2_next_to_zero3(args, models, work)
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 
@@ -403,6 +417,7 @@ def _conventional_total(models: Path, work: Path, venv: Path):
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--rank-build":
-        _rank_build(Path(sys.argv[2]), int(sys.argv[4]), sys.argv[3], int(sys.argv[5]))
+        _rank_build(Path(sys.argv[2]), int(sys.argv[4]), sys.argv[3], int(sys.argv[5]),
+                    int(sys.argv[6]))
     else:
         main()

@@ -1,4 +1,4 @@
-"""Real DeepSpeed ZeRO-3 checkpoints for the ckpt tests, built once per test session.
+"""Real DeepSpeed ZeRO-3 and ZeRO-1/2 checkpoints for the ckpt tests, built once per test session.
 
 Run as a script, this file is one rank of a tiny training job: it builds a pico Llama from a seed,
 saves it as the HF base, then trains a "plus" and a "minus" copy for two AdamW steps on different
@@ -30,6 +30,29 @@ SETS = {
     "w3_bf16_frozen": dict(world=3, dtype="bf16", tie=False, frozen=True, tiny=True, sub_group=3000),
     "w3_fp32_tied": dict(world=3, dtype="fp32", tie=True, frozen=False, tiny=False, sub_group=5000),
 }
+# ZeRO-1/2 sets (zero12_sets): two optimizer param groups (decay / no decay) in each, so the fp32
+# masters are several flat groups split over the ranks.
+# - "z2_w2_fp32_tied":   stage 2, W=2, fp32, tied embeddings (stored once: shared_params).
+# - "z2_w3_bf16_frozen": stage 2, W=3, bf16_ prefix, a frozen weight (stage 2 keeps it in
+#   frozen_param_fragments), a 1-element param, parameter_alignment on (non-zero
+#   param_alignment_paddings) and round-robin gradients (param_shapes order != module order).
+# - "z1_w1_fp32_tied":   stage 1, W=1, fp32, tied.
+# - "z1_w2_bf16":        stage 1, W=2, bf16, a frozen weight (stage 1 saves no frozen fragments:
+#   it is only in the full `module`).
+# - "z1_w2_bf16_fp32acc": stage 1, W=2, bf16 with fp32 gradient accumulation: DeepSpeed picks its
+#   BF16_Optimizer, whose state has no zero_stage (only ds_config says 1) and keeps the group
+#   padding; zero_to_fp32 cannot read it, so the test checks the masters against the module's
+#   bf16 weights (DeepSpeed copies the masters into them after each step).
+ZERO12_SETS = {
+    "z2_w2_fp32_tied": dict(world=2, dtype="fp32", tie=True, frozen=False, tiny=False, stage=2),
+    "z2_w3_bf16_frozen": dict(world=3, dtype="bf16", tie=False, frozen=True, tiny=True, stage=2,
+                              align=True, round_robin=True),
+    "z1_w1_fp32_tied": dict(world=1, dtype="fp32", tie=True, frozen=False, tiny=False, stage=1),
+    "z1_w2_bf16": dict(world=2, dtype="bf16", tie=False, frozen=True, tiny=False, stage=1),
+    "z1_w2_bf16_fp32acc": dict(world=2, dtype="bf16", tie=True, frozen=False, tiny=False, stage=1,
+                               fp32_accumulation=True),
+}
+ALL_SETS = {**SETS, **ZERO12_SETS}
 BUILD_TIMEOUT_S = 600
 PICO = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -43,7 +66,7 @@ def _free_port() -> int:
 
 def build_set(name: str, root: Path) -> Path:
     """Build checkpoint set `name` under root/name (skipped when already complete)."""
-    spec = SETS[name]
+    spec = ALL_SETS[name]
     out = Path(root) / name
     if (out / "done.json").exists():
         return out
@@ -72,16 +95,39 @@ def build_set(name: str, root: Path) -> Path:
 
 
 def _ds_config(spec: dict) -> dict:
+    if spec.get("stage", 3) != 3:
+        zero = {"stage": spec["stage"], "parameter_alignment": spec.get("align", False),
+                "round_robin_gradients": spec.get("round_robin", False)}
+    else:
+        zero = {"stage": 3, "sub_group_size": spec["sub_group"],
+                "stage3_param_persistence_threshold": 0}
+    extra = {"data_types": {"grad_accum_dtype": "fp32"}} if spec.get("fp32_accumulation") else {}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "steps_per_print": 1000,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0,
                                                   "torch_adam": True}},
-        "zero_optimization": {"stage": 3, "sub_group_size": spec["sub_group"],
-                              "stage3_param_persistence_threshold": 0},
+        "zero_optimization": zero,
         "bf16": {"enabled": spec["dtype"] == "bf16"},
     }
+
+
+def _param_groups(model, spec: dict):
+    """Trainable params; for ZeRO-1/2 sets two optimizer groups (matrices decay, vectors not)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.get("stage", 3) == 3:
+        return params
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
+
+
+def _tiny_home(model, spec: dict):
+    """The norm that owns the 1-element parameter: the final norm, or with parameter_alignment
+    the first layer's norm, so it sits mid-group and gets a real alignment padding after it
+    (1 element, bf16: 7 padding elements to the next 16-byte boundary)."""
+    return model.model.layers[0].input_layernorm if spec.get("align") else model.model.norm
 
 
 def _rank_main(out: Path, set_name: str) -> None:
@@ -94,14 +140,15 @@ def _rank_main(out: Path, set_name: str) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = SETS[set_name]
+    spec = ALL_SETS[set_name]
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
     torch.manual_seed(1234)  # same seed on every rank -> identical base everywhere
     config = LlamaConfig(**PICO, tie_word_embeddings=spec["tie"])
     base = LlamaForCausalLM(config).float()
     if spec["tiny"]:  # a 1-element parameter: with W=3, ranks 1 and 2 hold only padding
-        base.model.norm.register_parameter("tiny_gate", torch.nn.Parameter(torch.full((1,), 0.5)))
+        _tiny_home(base, spec).register_parameter("tiny_gate",
+                                                  torch.nn.Parameter(torch.full((1,), 0.5)))
     if rank == 0:
         base.save_pretrained(out / "base")
         base.generation_config.save_pretrained(out / "base")
@@ -110,8 +157,9 @@ def _rank_main(out: Path, set_name: str) -> None:
         if spec["frozen"]:
             model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
         if spec["tiny"]:  # used inside norm's forward, so ZeRO-3 gathers it and it gets a grad
-            model.model.norm.register_forward_hook(lambda mod, args, out: out * mod.tiny_gate)
-        params = [p for p in model.parameters() if p.requires_grad]
+            _tiny_home(model, spec).register_forward_hook(
+                lambda mod, args, out: out * mod.tiny_gate)
+        params = _param_groups(model, spec)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                           config=_ds_config(spec))
         gen = torch.Generator().manual_seed(data_seed * 100 + rank)
@@ -130,7 +178,7 @@ def _rank_main(out: Path, set_name: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--set", required=True, choices=sorted(SETS))
+    parser.add_argument("--set", required=True, choices=sorted(ALL_SETS))
     a = parser.parse_args()
     _rank_main(a.out, a.set)
 
@@ -253,5 +301,11 @@ try:
         """All real ZeRO-3 checkpoint sets, built once per session (~1 min on 2 cores)."""
         root = zero3_root(tmp_path_factory)
         return {name: build_set(name, root) for name in SETS}
+
+    @pytest.fixture(scope="session")
+    def zero12_sets(tmp_path_factory) -> dict[str, Path]:
+        """All real ZeRO-1/2 checkpoint sets, built once per session (~1-2 min on 2 cores)."""
+        root = zero3_root(tmp_path_factory)
+        return {name: build_set(name, root) for name in ZERO12_SETS}
 except ImportError:  # running as a rank script without pytest installed
     pass

@@ -39,9 +39,9 @@ def _vector_eta(text: str) -> tuple[str, float]:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("vector", help="phi = plus - minus, straight from ZeRO-3 shards",
+    p = sub.add_parser("vector", help="phi = plus - minus, straight from ZeRO shards",
                        description="Compute a preference vector phi = theta_plus - theta_minus "
-                       "from two DeepSpeed ZeRO-3 checkpoints (or HF folders), streaming, and "
+                       "from two DeepSpeed ZeRO-1/2/3 checkpoints (or HF folders), streaming, and "
                        "save it as a vector folder (safetensors + prefvec_vector.json).")
     p.add_argument("--plus", required=True, help="checkpoint of the + run (folder with `latest`, "
                    "a tag folder, or a HF model folder)")
@@ -58,7 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Merge preference vectors into a base model, one tensor at a "
                        "time, and write a HF folder (safetensors shards + index + config + "
                        "tokenizer copied from the base).")
-    p.add_argument("--base", required=True, help="HF model folder or ZeRO-3 checkpoint")
+    p.add_argument("--base", required=True, help="HF model folder or ZeRO-1/2/3 checkpoint")
     p.add_argument("--vector", action="append", required=True, metavar="VEC=ETA",
                    help="a vector folder, or PLUS_CKPT,MINUS_CKPT to subtract on the fly; "
                    "repeat for several vectors; ETA defaults to 1")
@@ -67,7 +67,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="output dtype (default: the base's)")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--config-from", default=None, help="HF folder to copy config/tokenizer from "
-                   "(default: the base, or beside a ZeRO-3 base)")
+                   "(default: the base, or beside a DeepSpeed checkpoint base)")
     p.add_argument("--workers", type=_workers, default=2,
                    help="reader threads, and as many arithmetic threads (default 2)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

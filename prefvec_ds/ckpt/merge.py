@@ -25,7 +25,8 @@ from prefvec_ds.ckpt.paths import contained
 from prefvec_ds.ckpt.methods import (Mix, MethodParams, TopMagnitude, check_params, is_plain_sum,
                                      needs_thresholds)
 from prefvec_ds.ckpt.segments import CHUNK_ELEMS, Segment, Term, read_side
-from prefvec_ds.ckpt.sources import alias_groups, check_shapes, match_names, open_source
+from prefvec_ds.ckpt.sources import (DEEPSPEED_KINDS, alias_groups, check_shapes, match_names,
+                                     open_source)
 from prefvec_ds.ckpt.stream import OutputTensor, run_plan
 from prefvec_ds.ckpt.writer import (ShardedSafetensorsWriter, TensorSpec, atomic_output_dir,
                                     parse_size)
@@ -37,9 +38,9 @@ _TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _base_plan(base) -> list[str]:
-    """Names the merged model will hold: the base's tensors (ZeRO-3: params, tied aliases and
+    """Names the merged model will hold: the base's tensors (DeepSpeed: params, tied aliases and
     persistent buffers, since a HF loader may expect each of them)."""
-    if base.kind == "zero3":
+    if base.kind in DEEPSPEED_KINDS:
         return base.names() + list(base.aliases) + list(base.buffers())
     if base.kind != "safetensors":
         raise PrefvecError(f"base {base.path}: a saved vector cannot be a base model")
@@ -47,14 +48,14 @@ def _base_plan(base) -> list[str]:
 
 
 def _float_names(base, names: list[str]) -> list[str]:
-    if base.kind == "zero3":
+    if base.kind in DEEPSPEED_KINDS:
         buffers = base.buffers()
         return [n for n in names if n not in buffers or buffers[n].is_floating_point()]
     return [n for n in names if base.is_float(n)]
 
 
 def _default_dtype(base) -> str:
-    if base.kind == "zero3":
+    if base.kind in DEEPSPEED_KINDS:
         return "fp32"
     counts: dict[str, int] = {}
     for n in base.names():
@@ -65,14 +66,14 @@ def _default_dtype(base) -> str:
 
 
 def _config_folder(base, config_from: str | Path | None) -> Path | None:
-    """Where config/tokenizer files come from: --config-from, the HF base, or for a ZeRO-3 base
+    """Where config/tokenizer files come from: --config-from, the HF base, or for a DeepSpeed base
     the checkpoint folder or its parent (trainers save the HF config beside checkpoints)."""
     if config_from is not None:
         folder = Path(config_from)
         if not (folder / "config.json").is_file():
             raise PrefvecError(f"--config-from {folder}: no config.json there")
         return folder
-    if base.kind != "zero3":
+    if base.kind not in DEEPSPEED_KINDS:
         return base.path
     for folder in (base.path, base.path.parent, base.tag_dir.parent.parent):
         if (folder / "config.json").is_file():
@@ -155,7 +156,7 @@ def _ordered(names: list[str], vectors: list, maps: list[dict[str, str]]) -> lis
 
 
 def _buffer_segments(name: str, tensor) -> tuple:
-    """A ZeRO-3 base's persistent buffer (full on rank 0) as one segment of its file."""
+    """A DeepSpeed base's persistent buffer (full in a model-states file) as one segment."""
     if not tensor.is_contiguous():
         raise PrefvecError(f"file {tensor.file}: buffer {name}: not contiguous")
     return (Segment(0, tensor.numel(), tensor.dtype, tensor.file, tensor.offset,
@@ -166,7 +167,7 @@ def _plan(base_src, order, floats, vectors, maps, code: str, out,
           method=("task_arithmetic", MethodParams())) -> tuple[list, list]:
     """(writer specs, stream plan) for every output tensor, in writing order."""
     owner = {**base_src.aliases}
-    buffers = base_src.buffers() if base_src.kind == "zero3" else {}
+    buffers = base_src.buffers() if base_src.kind in DEEPSPEED_KINDS else {}
     specs, plan = [], []
     for name in order:
         if name in buffers:
@@ -175,7 +176,7 @@ def _plan(base_src, order, floats, vectors, maps, code: str, out,
         else:
             shape = tuple(base_src.shape(owner.get(name, name)))
             terms = base_src.terms(owner.get(name, name), 1.0)
-            stored = base_src.dtype_code(name) if base_src.kind != "zero3" else "F32"
+            stored = base_src.dtype_code(name) if base_src.kind not in DEEPSPEED_KINDS else "F32"
         numel = math.prod(shape)
         if name not in floats:  # integer/bool buffers pass through untouched
             specs.append(TensorSpec(name, shape, stored))

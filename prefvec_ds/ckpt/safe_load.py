@@ -4,8 +4,9 @@ DeepSpeed's `*_states.pt` files are pickles. Unpickling runs whatever callables 
 checkpoint from someone else could run commands. Our unpickler resolves every global through an
 allow-list: containers, torch's tensor-rebuild functions (replaced by our own, which only record
 where a tensor's bytes are), storage types, and inert stand-ins for the DeepSpeed classes the
-optimizer file pickles (`ZeroStageEnum`, `LossScaler`/`DynamicLossScaler`). Anything else is
-refused with an error naming the file and the global; nothing named by the file is ever imported.
+optimizer file pickles (`ZeroStageEnum`, `LossScaler`/`DynamicLossScaler`, `fragment_address`).
+Anything else is refused with an error naming the file and the global; nothing named by the file
+is ever imported.
 
 No tensor data is read here. A torch zip file stores each storage uncompressed as the entry
 `<archive>/data/<key>`, so a tensor becomes a `StoredTensor`: file, byte offset, dtype, shape.
@@ -42,7 +43,8 @@ class ZeroStageEnum(int, enum.Enum):
 
 
 class _LossScalerStandIn:
-    """Inert stand-in for DeepSpeed loss scalers: pickled as NEWOBJ + BUILD(dict of numbers)."""
+    """Inert stand-in for DeepSpeed objects pickled as NEWOBJ + BUILD(dict of numbers): loss
+    scalers, and fragment addresses (ZeRO-1/2 `param_slice_mappings`)."""
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
@@ -58,9 +60,15 @@ class DynamicLossScaler(_LossScalerStandIn):
     """Stand-in for deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler."""
 
 
+class FragmentAddress(_LossScalerStandIn):
+    """Stand-in for deepspeed.utils.tensor_fragment.fragment_address (numel, start): ZeRO-1/2
+    optimizer files map each parameter to its slice of the rank's partition with it."""
+
+
 # The DeepSpeed globals a ZeRO checkpoint may name, mapped to our inert stand-ins.
 DEEPSPEED_STAND_INS = [
     (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
     (LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
     (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
 ]

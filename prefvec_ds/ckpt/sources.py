@@ -1,7 +1,8 @@
 """Tensor sources: anything that can describe one named tensor as Terms over byte ranges of files.
 
-Three kinds share one small interface (names(), shape(name), aliases, terms(name, alpha),
-add_into(name, out, alpha, copy)): a ZeRO-3 checkpoint (zero3.Zero3Checkpoint), a safetensors
+Four kinds share one small interface (names(), shape(name), aliases, terms(name, alpha),
+add_into(name, out, alpha, copy)): a DeepSpeed checkpoint of ZeRO stage 3 (zero3.Zero3Checkpoint)
+or stage 1/2 (zero12.Zero12Checkpoint), told apart by DEEPSPEED_READERS below, a safetensors
 folder (an HF model or a saved vector, safetensors_io.SafetensorsFolder), and the lazy difference
 of two sources (DiffSource, phi = plus - minus, never materialised as a whole). Name matching
 between sources goes through tied-weight alias groups, so `lm_head.weight` tied to
@@ -16,22 +17,45 @@ from pathlib import Path
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.safetensors_io import SafetensorsFolder
 from prefvec_ds.ckpt.segments import SegmentSource, Term
-from prefvec_ds.ckpt.zero3 import Zero3Checkpoint, is_zero3_folder, tag_folders
+from prefvec_ds.ckpt.zero12 import Zero12Checkpoint, is_zero12_tag
+from prefvec_ds.ckpt.zero3 import (Zero3Checkpoint, is_deepspeed_folder, is_zero3_tag,
+                                   resolve_tag_dir, tag_folders)
 
 VECTOR_MANIFEST = "prefvec_vector.json"
 VECTOR_FORMAT = "prefvec-vector"
 
+# DeepSpeed checkpoint readers, by what the tag folder holds (first match wins): ZeRO-3 saves one
+# model-states file per rank (zero_pp_rank_{r}_mp_rank_00_model_states.pt), ZeRO-1/2 a single
+# mp_rank_00_model_states.pt beside the per-rank optimizer files. Each reader then checks the
+# zero_stage its optimizer files record.
+DEEPSPEED_READERS = (
+    ("zero3", is_zero3_tag, Zero3Checkpoint),
+    ("zero12", is_zero12_tag, Zero12Checkpoint),
+)
+DEEPSPEED_KINDS = tuple(kind for kind, _, _ in DEEPSPEED_READERS)
+
+
+def open_deepspeed(path: Path):
+    """The reader for a DeepSpeed checkpoint folder (with `latest`) or tag folder."""
+    tag_dir = resolve_tag_dir(path)
+    for _kind, detect, reader in DEEPSPEED_READERS:
+        if detect(tag_dir):
+            return reader(path)
+    raise PrefvecError(f"folder {tag_dir}: no model-states file (expected zero_pp_rank_*_mp_rank_"
+                       "00_model_states.pt for ZeRO-3 or mp_rank_00_model_states.pt for ZeRO-1/2)")
+
 
 def open_source(path: str | Path, role: str):
-    """Open a ZeRO-3 checkpoint, a saved vector, or a HF safetensors folder by what it holds."""
+    """Open a DeepSpeed checkpoint (ZeRO-1/2/3), a saved vector, or a HF safetensors folder by
+    what it holds."""
     path = Path(path)
     if not path.exists():
         raise PrefvecError(f"{role} {path}: no such file or folder")
     if not path.is_dir():
         raise PrefvecError(f"{role} {path}: expected a folder (DeepSpeed checkpoint, HF model or "
                            "prefvec vector)")
-    if is_zero3_folder(path):
-        return Zero3Checkpoint(path)
+    if is_deepspeed_folder(path):
+        return open_deepspeed(path)
     tags = tag_folders(path)
     if tags and not any(path.glob("*.safetensors")):
         raise PrefvecError(f"{role} {path}: DeepSpeed checkpoint folder without a `latest` file; "
@@ -96,9 +120,10 @@ def check_shapes(mapping: dict[str, str], a, b, a_role: str, b_role: str) -> Non
 class DiffSource(SegmentSource):
     """phi = plus - minus, built per tensor on demand.
 
-    Fast path: two ZeRO-3 checkpoints with the same flat layout (W, sub-groups, param order) are
-    subtracted at identical flat offsets, rank file by rank file, without any name lookup on the
-    minus side. Otherwise each side is read through its own named layout (same result).
+    Fast path: two DeepSpeed checkpoints of one stage with the same flat layout (W, sub-groups or
+    param groups, param order) are subtracted at identical flat offsets, rank file by rank file,
+    without any name lookup on the minus side. Otherwise each side is read through its own named
+    layout (same result).
     """
 
     kind = "diff"
@@ -114,7 +139,7 @@ class DiffSource(SegmentSource):
             raise PrefvecError(f"minus {minus.path}: parameter {sorted(extra)[0]}: not in plus "
                                f"{plus.path} (different architectures?)")
         check_shapes(self.to_minus, plus, minus, "plus", "minus")
-        self.fast = (isinstance(plus, Zero3Checkpoint) and isinstance(minus, Zero3Checkpoint)
+        self.fast = (plus.kind in DEEPSPEED_KINDS and plus.kind == minus.kind
                      and plus.layout.same_flat_layout(minus.layout))
 
     def names(self) -> list[str]:

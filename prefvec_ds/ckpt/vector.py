@@ -36,7 +36,8 @@ def compute_vector(plus: str | Path, minus: str | Path, out: str | Path, dtype: 
                    overwrite: bool = False) -> dict:
     """Write phi = plus - minus to the vector folder `out`; return its manifest.
 
-    plus/minus: ZeRO-3 checkpoint folders (with `latest`, or a tag folder) or HF folders.
+    plus/minus: DeepSpeed ZeRO-1/2/3 checkpoint folders (with `latest`, or a tag folder) or HF
+    folders.
     Memory: the bounded read-ahead and job queues of stream.run_plan (~0.15-0.2 GB), whatever
     the model size.
     """

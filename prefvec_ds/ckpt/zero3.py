@@ -93,13 +93,21 @@ def tag_folders(path: Path) -> list[str]:
                   if any(_RANK_FILE.match(f.name) for f in p.glob("*_states.pt")))
 
 
-def is_zero3_folder(path: Path) -> bool:
+def is_zero3_tag(tag_dir: Path) -> bool:
+    """A ZeRO-3 tag folder has one model-states file per rank (zero_pp_rank_*_model_states)."""
+    return any((m := _RANK_FILE.match(p.name)) and m.group(4) == "model"
+               for p in Path(tag_dir).glob("*_model_states.pt"))
+
+
+def is_deepspeed_folder(path: Path) -> bool:
+    """A DeepSpeed checkpoint folder (a `latest` file, or rank files): any ZeRO stage; the
+    stage is told apart in the tag folder (is_zero3_tag, zero12.is_zero12_tag)."""
     path = Path(path)
     return path.is_dir() and ((path / "latest").is_file() or any(
         _RANK_FILE.match(p.name) for p in path.glob("*_states.pt")))
 
 
-def _rank_files(tag_dir: Path, kind: str, world: int = 0) -> list[Path]:
+def rank_files(tag_dir: Path, kind: str, world: int = 0) -> list[Path]:
     """Rank files of one kind, in rank order (natural: rank 10 after rank 2), none missing."""
     found: dict[int, Path] = {}
     for p in tag_dir.iterdir():
@@ -111,8 +119,9 @@ def _rank_files(tag_dir: Path, kind: str, world: int = 0) -> list[Path]:
             found[int(m.group(2))] = contained(p, tag_dir)
     if not found:
         if kind == "model" and any(_ZERO2_FILE.match(p.name) for p in tag_dir.iterdir()):
-            raise PrefvecError(f"folder {tag_dir}: ZeRO stage 2 checkpoint (mp_rank_*_model_"
-                               "states.pt without zero_pp_rank_* files): only ZeRO-3 is supported")
+            raise PrefvecError(f"folder {tag_dir}: ZeRO stage 1/2 checkpoint (mp_rank_*_model_"
+                               "states.pt without zero_pp_rank_* files), not a ZeRO-3 layout "
+                               "(zero12.Zero12Checkpoint reads it)")
         raise PrefvecError(f"folder {tag_dir}: no zero_pp_rank_*_{kind}_states.pt files")
     missing = [r for r in range(max(max(found) + 1, world)) if r not in found]
     if missing:
@@ -153,9 +162,9 @@ class Zero3Checkpoint(SegmentSource):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.tag_dir = resolve_tag_dir(self.path)
-        self.model_files = _rank_files(self.tag_dir, "model")
-        self.optim_files = _rank_files(self.tag_dir, "optim", len(self.model_files))
-        self.model_files = _rank_files(self.tag_dir, "model", len(self.optim_files))
+        self.model_files = rank_files(self.tag_dir, "model")
+        self.optim_files = rank_files(self.tag_dir, "optim", len(self.model_files))
+        self.model_files = rank_files(self.tag_dir, "model", len(self.optim_files))
         world = len(self.model_files)
         self._model_states = [load_pickle_file(p, "ZeRO-3 model states") for p in self.model_files]
         self.layout = _build_layout(self.model_files[0], self._model_states[0], world)

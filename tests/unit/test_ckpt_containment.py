@@ -97,7 +97,8 @@ def test_links_inside_the_folder_and_hub_cache_blobs_are_fine(tmp_path):
     assert "head.weight" in open_source(snap, "base").names()
 
 
-def test_zero2_checkpoint_is_named(tmp_path, capsys, pair):
+def test_broken_zero12_model_file_is_named(tmp_path, capsys, pair):
+    """A tag folder with mp_rank_00_model_states.pt is read as ZeRO-1/2; a bad one is named."""
     plus, minus = pair
     tag = plus / "global_step1"
     for f in tag.glob("zero_pp_rank_*_model_states.pt"):
@@ -105,7 +106,8 @@ def test_zero2_checkpoint_is_named(tmp_path, capsys, pair):
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
     assert main(["vector", "--plus", str(plus), "--minus", str(minus),
                  "--out", str(tmp_path / "v")]) == 2
-    assert "ZeRO stage 2 checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mp_rank_00_model_states.pt" in err and "ZeRO-1/2 model states expected" in err
 
 
 def test_missing_latest_lists_the_tag_folders(tmp_path, pair, capsys):
