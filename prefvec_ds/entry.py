@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.beta=0.05")
     parser.add_argument("--direction", help="dpo: e.g. helpful+ or harmless-")
     parser.add_argument("--preference", help="ref-logps: e.g. helpful")
+    parser.add_argument("--baseline", help="baseline: e.g. dpo_safe_first")
     parser.add_argument("--job", help="the whole job as RankJob JSON (instead of the above)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # deepspeed adds it
     return parser
@@ -41,7 +42,7 @@ def parse_job(argv: list[str] | None = None) -> RankJob:
     if not (args.stage and args.config):
         parser.error("expected STAGE CONFIG [overrides] or --job JSON")
     return RankJob(args.stage, args.config, tuple(args.overrides), args.direction,
-                   args.preference)
+                   args.preference, args.baseline)
 
 
 def run_stage(job: RankJob) -> None:
@@ -60,10 +61,14 @@ def run_stage(job: RankJob) -> None:
         from prefvec_ds.train.ref_logps import build_ref_logps  # noqa: PLC0415
 
         build_ref_logps(cfg, job.preference)
-    else:
+    elif job.stage == "dpo":
         from prefvec_ds.train.dpo import train_dpo  # noqa: PLC0415
 
         train_dpo(cfg, job.direction)
+    else:
+        from prefvec_ds.train.baselines import train_baseline  # noqa: PLC0415
+
+        train_baseline(cfg, job.baseline)
     group.shutdown()
 
 

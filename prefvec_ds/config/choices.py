@@ -12,6 +12,7 @@ adding a loss, a preference source, a scorer or a stage kind is one name here pl
     RewriterKind      prefvec_ds.mora.rewrite.REWRITERS
     StageKind         prefvec_ds.config.pipeline.DEFAULT_TIMES and the stages of
                       prefvec_ds.pipeline.dag.build_dag
+    BaselineKind      prefvec_ds.pipeline.baselines.BASELINES
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ ScorerKind = Literal["rules", "reward_model", "cost_model", "refusal", "rules_du
 RewriterKind = Literal["structured", "hf"]
 """pipeline.mora.rewriter.kind: structured (the embedded world) or hf (a prompted causal LM)."""
 
-StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "eval"]
+StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "baseline_dpo",
+                    "baseline_merge", "eval"]
 """Kinds of pipeline stages, in DAG order (`pipeline.slurm.time` has one limit per kind)."""
+
+BaselineKind = Literal["dpo_joint", "dpo_safe_first", "bfpo", "dpo_soup", "positive_only"]
+"""pipeline.baselines: systems trained or merged in the same run to compare Preference Vectors
+with (see prefvec_ds.pipeline.baselines.BASELINES)."""
 
 
 def names(choice_type) -> tuple[str, ...]:

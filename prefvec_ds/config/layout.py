@@ -8,6 +8,7 @@
       dpo/<p><+|->/              one DPO direction: ckpt/, eval.json, done.json
       vectors/<p>/               phi_p = theta_p+ - theta_p-
       merged/<name>/             theta_base + sum eta * phi, one per pipeline.merges entry
+      baselines/<name>/model/    a baseline of pipeline.baselines (dpo_joint, bfpo, ...)
       mora/                      MORA's synthesised pairs (shards, then pairs.jsonl)
       eval/                      summary.json, report.md, plots
       seeds/<k>/                 a diagnostic seed's run folder (dpo/, vectors/, ref_logps/ link)
@@ -88,6 +89,13 @@ class RunLayout:
 
     def merged(self, name: str) -> Path:
         return self.root / "merged" / name
+
+    def baseline(self, name: str) -> Path:
+        """A baseline's folder: model/ (HF), and for trained ones ckpt/, eval.json, done.json."""
+        return self.root / "baselines" / name
+
+    def baseline_model(self, name: str) -> Path:
+        return self.baseline(name) / "model"
 
     @property
     def mora(self) -> Path:

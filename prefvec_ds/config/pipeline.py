@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from prefvec_ds.config.checks import check as _check
-from prefvec_ds.config.choices import StageKind, names
+from prefvec_ds.config.choices import BaselineKind, StageKind, names
 from prefvec_ds.config.evaluation import EvalConfig
 from prefvec_ds.config.mora import MoraConfig
 
@@ -22,7 +22,11 @@ from prefvec_ds.config.mora import MoraConfig
 STAGE_KINDS = names(StageKind)
 DEFAULT_TIMES: dict[StageKind, str] = {
     "sft": "04:00:00", "mora": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
-    "vectors": "01:00:00", "merge": "01:00:00", "eval": "02:00:00"}
+    "baseline_dpo": "06:00:00", "vectors": "01:00:00", "merge": "01:00:00",
+    "baseline_merge": "01:00:00", "eval": "02:00:00"}
+BASELINE_KINDS = names(BaselineKind)
+#: The roles the baselines read: which preference is helpfulness, which harmlessness.
+BASELINE_ROLES = ("helpful", "harmless")
 _TIME = re.compile(r"^(\d+-)?\d+(:\d+){0,2}$")
 
 
@@ -135,7 +139,29 @@ class PipelineConfig:
     output rounds away much of eta * phi (measured by benchmarks/bf16_merge.py, figures in
     docs/bf16_merge.md), while the sweep's in-place points are fp32."""
 
+    baselines: list[BaselineKind] = field(default_factory=list)
+    """Systems to put next to Preference Vectors, trained or merged in this run from the same
+    theta_base, data, reference log-probs and eval: dpo_joint (one DPO on the union of the
+    helpful and harmless pairs), dpo_safe_first (the helpful pair when both responses are safe,
+    else the harmless pair), bfpo (DPO with BFPO's loss on the helpful pairs and per-response
+    safety labels), dpo_soup (the average of the helpful+ and harmless+ models), positive_only
+    (theta_base + sum eta * (theta_p+ - theta_base), eta of the first merge). Each becomes a
+    model under <run_dir>/baselines/<name>/model, scored by the eval stage. Default: none."""
+    baseline_roles: dict[str, str] = field(
+        default_factory=lambda: {"helpful": "helpful", "harmless": "harmless"})
+    """Which preference of data.preferences plays helpfulness and which harmlessness for the
+    baselines (keys helpful and harmless)."""
+
     def __post_init__(self):
+        _check(isinstance(self.baselines, list) and all(b in BASELINE_KINDS
+                                                         for b in self.baselines),
+               "pipeline.baselines", f"a list of {' | '.join(BASELINE_KINDS)}", self.baselines)
+        _check(len(set(self.baselines)) == len(self.baselines), "pipeline.baselines",
+               "distinct names", self.baselines)
+        _check(isinstance(self.baseline_roles, dict)
+               and sorted(self.baseline_roles) == sorted(BASELINE_ROLES),
+               "pipeline.baseline_roles", "a mapping with the keys helpful and harmless",
+               self.baseline_roles)
         _check(isinstance(self.merges, list) and len(self.merges) > 0, "pipeline.merges",
                "a non-empty list of {name, eta}", self.merges)
         merges = []

@@ -129,11 +129,12 @@ def direction_view(pairs: list[TokenizedPair], sign: int) -> list[TokenizedPair]
                           p.chosen_safe) for p in pairs]
 
 
-def require_safety_labels(pairs: list[TokenizedPair], where: str, loss: str) -> None:
-    """One clear line when a loss that reads safety labels meets an unlabelled pair."""
+def require_safety_labels(pairs: list[TokenizedPair], where: str, reader: str) -> None:
+    """One clear line when what reads safety labels (`reader`: "dpo.loss_type bfpo",
+    "baseline dpo_safe_first") meets an unlabelled pair."""
     unlabelled = sum(p.chosen_safe is None or p.rejected_safe is None for p in pairs)
     if unlabelled:
-        raise PrefvecError(f"{where}: dpo.loss_type {loss} needs both responses' safety labels "
+        raise PrefvecError(f"{where}: {reader} needs both responses' safety labels "
                            f"(is_response_0_safe / is_response_1_safe, as pku_saferlhf and "
                            f"embedded data carry); {unlabelled} of {len(pairs)} pairs have none")
 

@@ -85,7 +85,7 @@ class RankJob:
     Humans may keep writing `python -m prefvec_ds.entry dpo CONFIG --direction helpful+` (srun,
     mpirun); both forms parse into this."""
 
-    stage: Literal["sft", "ref-logps", "dpo"]
+    stage: Literal["sft", "ref-logps", "dpo", "baseline"]
     """Which training stage the rank runs."""
     config: str
     """Run config YAML (the pipeline passes its resolved snapshot)."""
@@ -95,13 +95,16 @@ class RankJob:
     """dpo: the direction, e.g. `helpful+`."""
     preference: str | None = None
     """ref-logps: the preference, e.g. `helpful`."""
+    baseline: str | None = None
+    """baseline: which DPO-form baseline of pipeline.baselines, e.g. `dpo_safe_first`."""
 
     def __post_init__(self):
         if self.stage not in RANK_STAGES:
             raise PrefvecError(f"rank job: stage {self.stage!r}: expected one of "
                                f"{', '.join(RANK_STAGES)}")
         needs = {"dpo": ("direction", self.direction),
-                 "ref-logps": ("preference", self.preference)}.get(self.stage)
+                 "ref-logps": ("preference", self.preference),
+                 "baseline": ("baseline", self.baseline)}.get(self.stage)
         if needs and not needs[1]:
             raise PrefvecError(f"rank job: stage {self.stage} needs --{needs[0]}")
         object.__setattr__(self, "overrides", tuple(self.overrides))
@@ -122,7 +125,7 @@ class RankJob:
         return ["--job", self.to_json()]
 
 
-RANK_STAGES = ("sft", "ref-logps", "dpo")
+RANK_STAGES = ("sft", "ref-logps", "dpo", "baseline")
 LAUNCHERS = ("deepspeed", "torchrun", "srun")
 
 

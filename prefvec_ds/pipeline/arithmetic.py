@@ -30,8 +30,9 @@ class MergeCall:
     """theta_base + sum eta * phi, written to `out` as a HF folder."""
 
     base: Path
-    vectors: tuple[tuple[Path, float], ...]
-    """(vector folder, eta) for every preference, eta exactly as configured."""
+    vectors: tuple[tuple[Path | tuple[Path, Path], float], ...]
+    """(vector, eta), eta exactly as configured; a vector is a folder written by a vectors
+    stage, or (plus, minus) checkpoints subtracted on the fly."""
     out: Path
     dtype: str | None
     """Output dtype; None keeps theta_base's (pipeline.merge_dtype: base)."""
@@ -66,17 +67,38 @@ def run_vector(call: VectorCall) -> None:
 
 def run_merge(call: MergeCall) -> None:
     from prefvec_ds.ckpt.merge import merge_vectors  # noqa: PLC0415
-    from prefvec_ds.ckpt.sources import open_vector_arg  # noqa: PLC0415
+    from prefvec_ds.ckpt.sources import DiffSource, open_source, open_vector_arg  # noqa: PLC0415
+
+    def opened(vector):
+        if isinstance(vector, tuple):
+            return DiffSource(open_source(vector[0], "plus"), open_source(vector[1], "minus"))
+        return open_vector_arg(str(vector))
 
     with signals_raise():
-        vectors = [(open_vector_arg(str(path)), eta) for path, eta in call.vectors]
+        vectors = [(opened(vector), eta) for vector, eta in call.vectors]
         info = merge_vectors(call.base, vectors, call.out, dtype=call.dtype, overwrite=True)
     print(f"[prefvec] wrote {call.out}: {info['tensors']} tensors, {info['dtype']}", flush=True)
 
 
+def baseline_merge_call(cfg: RunConfig, stage: Stage) -> MergeCall:
+    """A merged baseline: theta_base + sum w_p (theta_p+ - theta_base); each term is read as
+    the + checkpoint minus theta_base, streamed, never gathered."""
+    from prefvec_ds.pipeline.baselines import soup_etas  # noqa: PLC0415
+    from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
+
+    lay = RunLayout.of(cfg)
+    base = base_model_dir(cfg, must_exist=False)
+    dtype = None if cfg.pipeline.merge_dtype == "base" else cfg.pipeline.merge_dtype
+    return MergeCall(base=base, out=lay.baseline_model(stage.key), dtype=dtype,
+                     vectors=tuple(((lay.dpo_ckpt(f"{pref}+"), base), w)
+                                   for pref, w in soup_etas(cfg, stage.key).items()))
+
+
 def run_arithmetic(cfg: RunConfig, stage: Stage) -> None:
-    """Run a `vectors` or `merge` stage in this process."""
+    """Run a `vectors`, `merge` or `baseline_merge` stage in this process."""
     if stage.kind == "vectors":
         run_vector(vector_call(cfg, stage))
-    else:
+    elif stage.kind == "merge":
         run_merge(merge_call(cfg, stage))
+    else:
+        run_merge(baseline_merge_call(cfg, stage))

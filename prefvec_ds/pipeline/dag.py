@@ -26,9 +26,11 @@ from prefvec_ds.config.layout import RunLayout, merge_etas, seed_key, split_seed
 from prefvec_ds.config.pipeline import STAGE_KINDS
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.eval.grid import check_names
+from prefvec_ds.pipeline.baselines import BASELINES, check_baselines, soup_etas
 
 #: Kinds whose work runs as a rank group (deepspeed launcher locally, srun under SLURM).
-DISTRIBUTED_KINDS = ("sft", "mora", "ref_logps", "dpo")  # mora: one shard per rank, no group
+#: mora: one shard per rank, no process group
+DISTRIBUTED_KINDS = ("sft", "mora", "ref_logps", "dpo", "baseline_dpo")
 #: `dpo/helpful+@seed43`, `vectors/helpful@seed43`: pipeline.eval.diagnostic_seeds stages
 
 
@@ -168,16 +170,48 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
             f"merged/{name}/config.json",
             _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype,
                    merge_dtype=cfg.pipeline.merge_dtype)))  # the output dtype redoes the merge
+    baselines = _baseline_stages(cfg, base_dep, data, ds, world)
+    stages += baselines
     p = cfg.pipeline
-    # the sweep reads theta_base and every vector itself; the merged folders are scored too
+    # the sweep reads theta_base and every vector itself; merged and baseline models are scored
     deps = (base_dep + tuple(f"vectors/{k}" for k in vector_keys)
-            + tuple(f"merge/{m.name}" for m in p.merges))
+            + tuple(f"merge/{m.name}" for m in p.merges) + tuple(s.name for s in baselines))
     stages.append(Stage(
         "eval", "eval", "", deps, ("eval",), "eval/summary.json",
         _slice(eval=dataclasses.asdict(p.eval), base=cfg.model.base, data=data,
                preferences={k: _preference_slice(cfg, v)
                             for k, v in cfg.data.preferences.items()})))
     return stages
+
+
+def _baseline_stages(cfg: RunConfig, base_dep: tuple[str, ...], data: dict, ds: str,
+                     world: int) -> list[Stage]:
+    """One stage per entry of pipeline.baselines (see prefvec_ds.pipeline.baselines)."""
+    check_baselines(cfg)
+    lay = RunLayout.of(cfg)
+    roles = cfg.pipeline.baseline_roles
+    prefs = {role: _preference_slice(cfg, cfg.data.preferences[pref])
+             for role, pref in roles.items()}
+    out = []
+    for name in cfg.pipeline.baselines:
+        folder = lay.relative(lay.baseline(name))
+        if BASELINES[name].kind == "baseline_dpo":
+            out.append(Stage(
+                f"baseline/{name}", "baseline_dpo", name,
+                tuple(f"ref_logps/{pref}" for pref in roles.values()), (folder,),
+                f"{folder}/done.json",
+                _slice(seed=cfg.seed, dpo=dataclasses.asdict(cfg.dpo), data={**data, **prefs},
+                       roles=roles, ds=ds, world=world,
+                       checkpointing=cfg.model.gradient_checkpointing)))
+        else:
+            etas = soup_etas(cfg, name)
+            out.append(Stage(
+                f"baseline/{name}", "baseline_merge", name,
+                base_dep + tuple(f"dpo/{pref}+" for pref in etas), (folder,),
+                f"{folder}/model/config.json",
+                _slice(base=cfg.model.base, eta=etas, dtype=cfg.model.dtype,
+                       merge_dtype=cfg.pipeline.merge_dtype)))
+    return out
 
 
 def groups(stages: list[Stage]) -> list[tuple[str, list[Stage]]]:

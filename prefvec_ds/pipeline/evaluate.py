@@ -23,4 +23,6 @@ def run_eval(cfg: RunConfig, stages: list[Stage]) -> dict:
     # a merge stage that was skipped (ckpt tools absent) leaves no folder to score
     models = {s.key: lay.merged(s.key) for s in stages
               if s.kind == "merge" and (lay.root / s.done_file).is_file()}
+    models.update({s.key: lay.baseline_model(s.key) for s in stages
+                   if s.kind.startswith("baseline") and (lay.root / s.done_file).is_file()})
     return evaluate_run(cfg, models=models)

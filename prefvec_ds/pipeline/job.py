@@ -10,8 +10,9 @@ SLURM:
 RUN_CONFIG is the resolved snapshot `<run_dir>/pipeline/config.yaml` that `prefvec run|submit`
 writes. An up-to-date stage exits 0 at once (a requeued job that already finished, a re-run).
 Training stages start their ranks with the given launcher (`python -m prefvec_ds.entry --job
-JSON` per rank, see distributed/launch.RankJob) and pass SIGUSR1/SIGTERM on to them: the trainer checkpoints and exits with
-REQUEUE_EXIT_CODE, recorded as `preempted`, and the next attempt resumes.
+JSON` per rank, see distributed/launch.RankJob) and pass SIGUSR1/SIGTERM on to them: the trainer
+checkpoints and exits with REQUEUE_EXIT_CODE, recorded as `preempted`, and the next attempt
+resumes.
 
 Fault injection for tests: PREFVEC_FAIL_STAGES=dpo/harmless- (comma-separated stage names)
 makes those stages fail with exit code 3 before they start their work.
@@ -48,6 +49,8 @@ def rank_job(cfg: RunConfig, stage: Stage) -> RankJob:
         return RankJob("sft", cfg.source_path)
     if stage.kind == "ref_logps":
         return RankJob("ref-logps", cfg.source_path, preference=stage.key)
+    if stage.kind == "baseline_dpo":
+        return RankJob("baseline", cfg.source_path, baseline=stage.key)
     direction, seed = split_seed(stage.key)
     if seed is None:
         return RankJob("dpo", cfg.source_path, direction=direction)
@@ -151,7 +154,7 @@ def execute(cfg: RunConfig, stage: Stage, launcher: str, port: int | None = None
         print(f"[prefvec] {stage.name}: {msg}", file=sys.stderr, flush=True)
         manifest.finish(run_dir, stage, "failed", INJECTED_FAILURE_EXIT, msg)
         return INJECTED_FAILURE_EXIT
-    if stage.kind in ("vectors", "merge") and not ckpt_tools_available():
+    if stage.kind in ("vectors", "merge", "baseline_merge") and not ckpt_tools_available():
         msg = "skipped: `prefvec vector`/`prefvec merge` are not installed (prefvec_ds.ckpt)"
         print(f"[prefvec] {stage.name}: {msg}", flush=True)
         manifest.finish(run_dir, stage, "skipped", 0, msg)

@@ -77,6 +77,34 @@ def evaluate_pairs(engine, pairs, ref, pad_id: int, cfg: RunConfig) -> dict[str,
     return {k: v / n for k, v in totals.items()}
 
 
+def fit_pairs(cfg: RunConfig, folder, base, tokenizer, ds: dict, train, train_ref, held, held_ref,
+              what: str):
+    """DPO of theta_base on `train` (pairs as trained, reference rows aligned), evaluated on
+    `held`; checkpoints and metrics go to `folder`. Returns (engine, history, schedule)."""
+    world = group.world_size()
+    schedule = schedule_for(len(train), cfg.dpo, world, what)
+    if group.rank() == 0:
+        save_resolved(cfg, folder, ds)
+    engine = model_build.build_engine(base, ds, train=True, lr_lambda=schedule,
+                                      gradient_checkpointing=cfg.model.gradient_checkpointing)
+    pad = tokenizer.pad_token_id
+    evaluate = (lambda step: evaluate_pairs(engine, held, held_ref, pad, cfg)) if held else None
+    history = run_loop(engine, LoopSpec(
+        cfg.dpo, len(train), schedule.total_steps, cfg.seed, folder,
+        lambda idx: pair_forward(engine, train, train_ref, idx, pad, cfg), evaluate,
+        cfg.dpo.eval_every))
+    return engine, history, schedule
+
+
+def fit_summary(history, schedule, train, held) -> dict:
+    """The figures every DPO-form stage records in eval.json and done.json."""
+    evals = [h for h in history if "eval/rewards/margins" in h]
+    return {"train_pairs": len(train), "eval_pairs": len(held), "steps": schedule.total_steps,
+            "eval_start": evals[0] if evals else None, "eval_end": evals[-1] if evals else None,
+            "peak_rss_mb_per_rank": collectives.peak_rss_mb_per_rank(),
+            "peak_gpu_mb_per_rank": collectives.peak_gpu_mb_per_rank()}
+
+
 def train_dpo(cfg: RunConfig, direction: str) -> dict:
     """Train one direction; returns (on every rank) the final held-out metrics."""
     preference, sign = cfg.parse_direction(direction)
@@ -85,30 +113,17 @@ def train_dpo(cfg: RunConfig, direction: str) -> dict:
     tokenizer = load_tokenizer(base)
     pairs = tokenized_preference(cfg, preference, tokenizer)
     if LOSSES[cfg.dpo.loss_type].needs_safety:
-        require_safety_labels(pairs, f"data.preferences.{preference}", cfg.dpo.loss_type)
-    world = group.world_size()
-    ds = resolve_ds_config(cfg, cfg.dpo, world)
+        require_safety_labels(pairs, f"data.preferences.{preference}",
+                              f"dpo.loss_type {cfg.dpo.loss_type}")
+    ds = resolve_ds_config(cfg, cfg.dpo, group.world_size())
     table = ref_table(cfg, preference, base, tokenizer, pairs, ds)
     frac = cfg.data.preferences[preference].eval_fraction
     train, train_ref = oriented([p for p in pairs if not is_held_out(p.key, frac)], table, sign)
     held, held_ref = oriented([p for p in pairs if is_held_out(p.key, frac)], table, sign)
-    schedule = schedule_for(len(train), cfg.dpo, world, f"dpo {direction}")
-    if group.rank() == 0:
-        save_resolved(cfg, folder, ds)
-    engine = model_build.build_engine(base, ds, train=True, lr_lambda=schedule,
-                               gradient_checkpointing=cfg.model.gradient_checkpointing)
-    pad = tokenizer.pad_token_id
-    evaluate = (lambda step: evaluate_pairs(engine, held, held_ref, pad, cfg)) if held else None
-    history = run_loop(engine, LoopSpec(
-        cfg.dpo, len(train), schedule.total_steps, cfg.seed, folder,
-        lambda idx: pair_forward(engine, train, train_ref, idx, pad, cfg), evaluate,
-        cfg.dpo.eval_every))
-    evals = [h for h in history if "eval/rewards/margins" in h]
+    _engine, history, schedule = fit_pairs(cfg, folder, base, tokenizer, ds, train, train_ref,
+                                           held, held_ref, f"dpo {direction}")
     result = {"direction": direction, "preference": preference, "sign": sign,
-              "train_pairs": len(train), "eval_pairs": len(held), "steps": schedule.total_steps,
-              "eval_start": evals[0] if evals else None, "eval_end": evals[-1] if evals else None,
-              "peak_rss_mb_per_rank": collectives.peak_rss_mb_per_rank(),
-              "peak_gpu_mb_per_rank": collectives.peak_gpu_mb_per_rank()}
+              **fit_summary(history, schedule, train, held)}
     if group.rank() == 0:
         write_json_atomic(folder / "eval.json", result)
         mark_done(folder, **result)

@@ -19,6 +19,7 @@ from prefvec_ds.config.pipeline import DEFAULT_TIMES, STAGE_KINDS
 from prefvec_ds.data.sources import PREFERENCE_LOADERS
 from prefvec_ds.eval.scorers import SCORER_KINDS
 from prefvec_ds.mora.rewrite import REWRITERS
+from prefvec_ds.pipeline.baselines import BASELINES
 from prefvec_ds.pipeline.dag import build_dag
 from prefvec_ds.train.losses import LOSSES
 from tests.conftest import REPO
@@ -32,7 +33,8 @@ pytestmark = pytest.mark.unit
     (choices.ScorerKind, SCORER_KINDS),
     (choices.RewriterKind, REWRITERS),
     (choices.StageKind, DEFAULT_TIMES),
-], ids=["losses", "preference sources", "scorers", "rewriters", "stage times"])
+    (choices.BaselineKind, BASELINES),
+], ids=["losses", "preference sources", "scorers", "rewriters", "stage times", "baselines"])
 def test_literal_names_the_implementation_table(choice, table):
     assert set(names(choice)) == set(table), (
         f"config.choices and the implementation table disagree: only in config "
@@ -42,7 +44,8 @@ def test_literal_names_the_implementation_table(choice, table):
 
 def test_every_stage_kind_is_built_by_the_dag(tmp_path):
     cfg = load_config(REPO / "recipes" / "quickstart.yaml",
-                      [f"run_dir={tmp_path}", "pipeline.mora.enabled=true"])
+                      [f"run_dir={tmp_path}", "pipeline.mora.enabled=true",
+                       "pipeline.baselines=[dpo_joint,dpo_soup]"])
     built = [s.kind for s in build_dag(cfg)]
     assert set(built) == set(STAGE_KINDS)
     assert sorted(set(built), key=built.index) == list(STAGE_KINDS)  # STAGE_KINDS is DAG order
