@@ -105,7 +105,7 @@ def _models_section(summary: dict) -> list[str]:
                      *[row["scores"][c] for c in cols],
                      *[m["margin"] for m in row["margins"].values()]])
     margins = [f"margin_{p}" for p in next(iter(summary["models"].values()))["margins"]]
-    return ["## Merged models (`prefvec merge` outputs, scored as written)", "",
+    return ["## Merged and baseline models (folders scored as written)", "",
             *_md_table(["model", *cols, *margins], rows), ""]
 
 

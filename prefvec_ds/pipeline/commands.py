@@ -1,4 +1,5 @@
-"""`prefvec run`, `prefvec submit`, `prefvec status`: the whole DAG, locally or on SLURM."""
+"""`prefvec run`, `prefvec submit`, `prefvec status`: the whole DAG, locally or on SLURM;
+`prefvec compare`: Preference Vectors against the run's baselines."""
 
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ def add_parsers(sub) -> None:
     p.add_argument("run_dir", help="the run folder (run_dir of the config)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=show_status)
+
+    p = sub.add_parser("compare", help="Preference Vectors against theta_base and the baselines",
+                       description="One row per system (theta_base, each merge, PV at the sweep's "
+                       "choice, each baseline of pipeline.baselines), one column per eval score "
+                       "and held-out margin, plus training cost; writes eval/comparison.{md,json,"
+                       "png} and prints the table. Needs a finished eval stage.")
+    p.add_argument("run_dir", help="the run folder")
+    p.set_defaults(func=show_comparison)
+
+
+def show_comparison(args: argparse.Namespace) -> int:
+    from prefvec_ds.pipeline.compare import write_comparison  # noqa: PLC0415
+    from prefvec_ds.pipeline.prepare import load_run  # noqa: PLC0415
+
+    cfg, stages = load_run(args.run_dir)
+    path = write_comparison(cfg, stages)
+    print(path.read_text(), end="")
+    return 0
 
 
 def _prepare(args: argparse.Namespace):

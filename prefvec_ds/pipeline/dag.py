@@ -31,7 +31,6 @@ from prefvec_ds.pipeline.baselines import BASELINES, check_baselines, soup_etas
 #: Kinds whose work runs as a rank group (deepspeed launcher locally, srun under SLURM).
 #: mora: one shard per rank, no process group
 DISTRIBUTED_KINDS = ("sft", "mora", "ref_logps", "dpo", "baseline_dpo")
-#: `dpo/helpful+@seed43`, `vectors/helpful@seed43`: pipeline.eval.diagnostic_seeds stages
 
 
 @dataclass(frozen=True)

@@ -25,4 +25,9 @@ def run_eval(cfg: RunConfig, stages: list[Stage]) -> dict:
               if s.kind == "merge" and (lay.root / s.done_file).is_file()}
     models.update({s.key: lay.baseline_model(s.key) for s in stages
                    if s.kind.startswith("baseline") and (lay.root / s.done_file).is_file()})
-    return evaluate_run(cfg, models=models)
+    summary = evaluate_run(cfg, models=models)
+    if cfg.pipeline.baselines:
+        from prefvec_ds.pipeline.compare import write_comparison  # noqa: PLC0415
+
+        summary["comparison"] = str(write_comparison(cfg, stages))
+    return summary

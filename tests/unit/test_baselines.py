@@ -110,3 +110,24 @@ def test_soup_and_positive_only_are_the_weighted_moves_from_theta_base(tmp_path)
         for key, theta in base_sd.items():
             want = theta + sum(w[p] * (plus[p][key] - theta) for p in w)
             torch.testing.assert_close(out[key], want, rtol=0, atol=1e-6)
+
+
+def test_sweep_choice_is_the_best_mean_rank_ties_to_the_smaller_eta():
+    from prefvec_ds.pipeline.compare import sweep_choice
+
+    def point(h, s, helpful, harmless):
+        return {"eta": {"helpful": h, "harmless": s},
+                "scores": {"helpful": helpful, "harmless": harmless}}
+
+    sweep = {"points": [point(0, 0, 0.2, 0.2), point(1, 0, 0.6, 0.1), point(0, 1, 0.1, 0.6),
+                        point(2, 2, 0.5, 0.5), point(1, 1, 0.5, 0.5)]}
+    assert sweep_choice(sweep, ["helpful", "harmless"])["eta"] == {"helpful": 1, "harmless": 1}
+    assert sweep_choice(sweep, ["helpful"])["eta"] == {"helpful": 1, "harmless": 0}
+
+
+def test_compare_before_the_eval_is_one_clear_error(tmp_path):
+    from prefvec_ds.pipeline.compare import comparison
+
+    cfg = cfg_with(tmp_path, "pipeline.baselines=[dpo_joint]")
+    with pytest.raises(PrefvecError, match="eval/sweep.json: no eval results yet"):
+        comparison(cfg, build_dag(cfg))
