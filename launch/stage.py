@@ -5,7 +5,7 @@
     mpirun -np 2 python launch/stage.py ref-logps recipes/quickstart.yaml --preference helpful
 """
 
-from prefvec_ds.entry import run
+from prefvec_ds.entry import main
 
 if __name__ == "__main__":
-    run()
+    main()
