@@ -8,11 +8,14 @@ times and signal_seconds (see docs/pipeline.md).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.methods import MERGE_METHODS, MergeMethodName, MethodParams, check_params
 from prefvec_ds.config.checks import check as _check
 from prefvec_ds.config.choices import BaselineKind, StageKind, names
 from prefvec_ds.config.evaluation import EvalConfig
@@ -39,6 +42,18 @@ class MergeConfig:
     eta: dict[str, float] = field(default_factory=dict)
     """Preference -> eta. A preference left out gets 1.0 (the paper's default); 0 leaves its
     vector out; negative values invert the behaviour."""
+    method: MergeMethodName = "task_arithmetic"
+    """How the vectors combine (docs/merge-methods.md): task_arithmetic (base + sum eta * phi,
+    the paper's), ties, dare, dare_ties; the same kernels as `prefvec merge --method`."""
+    density: float = 1.0
+    """ties/dare: fraction of each vector's elements kept (by magnitude, or at random)."""
+    normalize: bool | None = None
+    """Divide by the summed weights that contributed to each element; None: the method's
+    default (true for ties, as mergekit)."""
+    lam: float = 1.0
+    """Scale of the combined delta added to theta_base."""
+    seed: int = 0
+    """dare/dare_ties: seed of the random drop (reproducible per tensor)."""
 
     def __post_init__(self):
         _check(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)), "pipeline.merges[].name",
@@ -49,6 +64,18 @@ class MergeConfig:
             _check(isinstance(value, (int, float)) and not isinstance(value, bool),
                    f"pipeline.merges[{self.name}].eta.{pref}", "a number", value)
         self.eta = {k: float(v) for k, v in self.eta.items()}
+        try:
+            check_params(self.method, self.params())
+        except ValueError as err:
+            raise PrefvecError(f"config parameter pipeline.merges[{self.name}]: {err}") from None
+
+    def params(self) -> MethodParams:
+        """The method's knobs as the merge kernels take them."""
+        normalize = (MERGE_METHODS[self.method].normalize_default
+                     if self.normalize is None and self.method in MERGE_METHODS
+                     else bool(self.normalize))
+        return MethodParams(density=float(self.density), normalize=normalize,
+                            lam=float(self.lam), seed=int(self.seed))
 
 
 @dataclass
@@ -167,8 +194,10 @@ class PipelineConfig:
         merges = []
         for i, merge in enumerate(self.merges):
             if isinstance(merge, dict):
-                unknown = sorted(set(merge) - {"name", "eta"})
-                _check(not unknown, f"pipeline.merges[{i}]", "keys name and eta", unknown)
+                keys = {f.name for f in dataclasses.fields(MergeConfig)}
+                unknown = sorted(set(merge) - keys)
+                _check(not unknown, f"pipeline.merges[{i}]",
+                       f"keys among {', '.join(sorted(keys))}", unknown)
                 merge = MergeConfig(**merge)
             _check(isinstance(merge, MergeConfig), f"pipeline.merges[{i}]", "{name, eta}", merge)
             merges.append(merge)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds.atomic import signals_raise
+from prefvec_ds.ckpt.methods import MethodParams
 from prefvec_ds.config.layout import RunLayout, merge_etas, seed_key, split_seed
 from prefvec_ds.config.schema import RunConfig
 from prefvec_ds.pipeline.dag import Stage
@@ -36,6 +37,10 @@ class MergeCall:
     out: Path
     dtype: str | None
     """Output dtype; None keeps theta_base's (pipeline.merge_dtype: base)."""
+    method: str = "task_arithmetic"
+    """Merge method of ckpt/methods.py (pipeline.merges[].method)."""
+    params: MethodParams = MethodParams()
+    """Its knobs (density, normalize, lambda, seed)."""
 
 
 def vector_call(cfg: RunConfig, stage: Stage) -> VectorCall:
@@ -50,10 +55,12 @@ def merge_call(cfg: RunConfig, stage: Stage) -> MergeCall:
 
     lay = RunLayout.of(cfg)
     eta = merge_etas(cfg)[stage.key]
+    merge = next(m for m in cfg.pipeline.merges if m.name == stage.key)
     dtype = None if cfg.pipeline.merge_dtype == "base" else cfg.pipeline.merge_dtype
     return MergeCall(base=base_model_dir(cfg, must_exist=False),
                      vectors=tuple((lay.vectors(p), value) for p, value in eta.items()),
-                     out=lay.merged(stage.key), dtype=dtype)
+                     out=lay.merged(stage.key), dtype=dtype, method=merge.method,
+                     params=merge.params())
 
 
 def run_vector(call: VectorCall) -> None:
@@ -76,8 +83,10 @@ def run_merge(call: MergeCall) -> None:
 
     with signals_raise():
         vectors = [(opened(vector), eta) for vector, eta in call.vectors]
-        info = merge_vectors(call.base, vectors, call.out, dtype=call.dtype, overwrite=True)
-    print(f"[prefvec] wrote {call.out}: {info['tensors']} tensors, {info['dtype']}", flush=True)
+        info = merge_vectors(call.base, vectors, call.out, dtype=call.dtype, overwrite=True,
+                             method=call.method, params=call.params)
+    print(f"[prefvec] wrote {call.out}: {info['tensors']} tensors, {info['dtype']} "
+          f"({info['method']})", flush=True)
 
 
 def baseline_merge_call(cfg: RunConfig, stage: Stage) -> MergeCall:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefvec_ds import PrefvecError
+from prefvec_ds.ckpt.methods import MethodParams
 from prefvec_ds.config.layout import RunLayout, merge_etas, seed_key, split_seed
 from prefvec_ds.config.pipeline import STAGE_KINDS
 from prefvec_ds.config.schema import RunConfig
@@ -162,13 +163,15 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
             f"vectors/{key}", "vectors", key, (f"dpo/{plus}", f"dpo/{minus}"),
             (out(lay.vectors(key)),), f"{out(lay.vectors(key))}/prefvec_vector.json",
             _slice(format=1)))
+    merges = {m.name: m for m in cfg.pipeline.merges}
     for name, eta in merge_etas(cfg).items():
         deps = base_dep + tuple(f"vectors/{p}" for p, e in eta.items() if e != 0.0)
         stages.append(Stage(
             f"merge/{name}", "merge", name, deps, (f"merged/{name}",),
             f"merged/{name}/config.json",
             _slice(base=cfg.model.base, eta=eta, dtype=cfg.model.dtype,
-                   merge_dtype=cfg.pipeline.merge_dtype)))  # the output dtype redoes the merge
+                   merge_dtype=cfg.pipeline.merge_dtype,  # the output dtype redoes the merge
+                   **_method_slice(merges[name]))))
     baselines = _baseline_stages(cfg, base_dep, data, ds, world)
     stages += baselines
     p = cfg.pipeline
@@ -181,6 +184,14 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
                preferences={k: _preference_slice(cfg, v)
                             for k, v in cfg.data.preferences.items()})))
     return stages
+
+
+def _method_slice(merge) -> dict:
+    """The merge method's knobs, in the fingerprint only when they differ from plain task
+    arithmetic (runs made before methods existed stay up to date)."""
+    if merge.method == "task_arithmetic" and merge.params() == MethodParams():
+        return {}
+    return {"method": merge.method, "params": dataclasses.asdict(merge.params())}
 
 
 def _baseline_stages(cfg: RunConfig, base_dep: tuple[str, ...], data: dict, ds: str,

@@ -59,3 +59,25 @@ def test_a_merge_stage_passes_the_eta_its_fingerprint_records(tmp_path):
     etas = {path.name: eta for path, eta in merge_call(cfg, merge).vectors}
     assert etas == {"helpful": 0.6666667, "harmless": -0.123456789}
     assert json.loads(merge.config_slice)["eta"] == etas  # what the fingerprint records
+
+
+def test_a_pipeline_merge_names_its_method_and_the_fingerprint_follows(tmp_path):
+    """pipeline.merges[].method reaches merge_vectors; plain task arithmetic keeps the
+    fingerprint runs had before methods existed; a bad knob is one clear error."""
+    from prefvec_ds.ckpt.methods import MethodParams
+
+    def merge_stage(*extra):
+        cfg = load_config(REPO / "recipes" / "quickstart.yaml", [f"run_dir={tmp_path}", *extra])
+        return cfg, next(s for s in build_dag(cfg) if s.kind == "merge")
+
+    cfg, plain = merge_stage()
+    assert merge_call(cfg, plain).method == "task_arithmetic"
+    assert "method" not in json.loads(plain.config_slice)
+    cfg, ties = merge_stage("pipeline.merges=[{name: default, method: ties, density: 0.2}]")
+    call = merge_call(cfg, ties)
+    assert (call.method, call.params) == ("ties", MethodParams(density=0.2, normalize=True))
+    assert ties.config_fingerprint() != plain.config_fingerprint()
+    with pytest.raises(PrefvecError, match=r"pipeline.merges\[default\]: density"):
+        merge_stage("pipeline.merges=[{name: default, method: ties, density: 0}]")
+    with pytest.raises(PrefvecError, match="pipeline.merges"):
+        merge_stage("pipeline.merges=[{name: default, method: slerp}]")
