@@ -27,6 +27,7 @@ RECIPE = REPO / "recipes" / "quickstart.yaml"
 SMALL = ["data.embedded_size=400", "sft.epochs=6", "sft.log_every=5", "dpo.max_steps=16",
          "dpo.lr=8.0e-5", "dpo.save_every=4", "dpo.log_every=4", "pipeline.eval.prompts=16",
          "pipeline.eval.generation.num_samples=4", "pipeline.eval.diagnostic_seeds=[]",
+         "pipeline.baselines=[]",  # tests/e2e/test_baselines.py adds them to a copy of this run
          "distributed.nproc_per_node=1",
          f"distributed.ds_config={REPO / 'ds_configs' / 'zero3_cpu_fp32.json'}"]
 _RUNS: dict[str, Path] = {}

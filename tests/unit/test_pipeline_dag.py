@@ -24,8 +24,9 @@ RECIPE = REPO / "recipes" / "quickstart.yaml"
 
 def cfg_for(tmp_path, *overrides):
     # without the recipe's diagnostic seed (tests/unit/test_eval_pipeline.py covers its stages)
+    # and baselines (tests/unit/test_baselines.py)
     return load_config(RECIPE, [f"run_dir={tmp_path}", "pipeline.eval.diagnostic_seeds=[]",
-                                *overrides])
+                                "pipeline.baselines=[]", *overrides])
 
 
 def finish_all(run_dir, stages, names=None):
