@@ -4,7 +4,8 @@
 # (slurm/nodes.sh).
 #
 #   slurm/cluster.sh up        # install packages if missing, write configs, start daemons
-#   slurm/cluster.sh up --nodes 2   # node1, node2 in namespaces on a private bridge
+#   slurm/cluster.sh up --nodes 2   # node1, node2 in namespaces on a private bridge; give
+#                                   # --nodes 2 to down/status/env too (its own default folder)
 #   slurm/cluster.sh status    # which daemons run, node state; exit 3 when not all up
 #   slurm/cluster.sh env       # prints `export SLURM_CONF=...`; use: eval "$(slurm/cluster.sh env)"
 #   slurm/cluster.sh down      # cancel our jobs, stop only the daemons we started (pid files)
@@ -12,9 +13,10 @@
 #
 # Environment (all optional):
 #   PREFVEC_SLURM_HOME        folder for configs, state, logs, pid files, munge key and socket
-#                             (default $HOME/.cache/prefvec-ds/slurm)
-#   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb
-#                             (default 16817; the stock ports are 6817-6819 and 3306, and
+#                             (default $HOME/.cache/prefvec-ds/slurm, slurm-<N>nodes for N > 1)
+#   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb, and
+#                             for N > 1 srun's range, +10..+39
+#                             (default 16817, 18810 for N > 1; the stock ports are 6817-6819 and 3306, and
 #                             20000-32767 is where jobs put MASTER_PORT, see distributed/env.py)
 #   PREFVEC_SLURM_FIRST_JOB_ID first job id (default 1): private clusters on one machine with
 #                             different ids never derive the same MASTER_PORT
@@ -33,11 +35,18 @@ export PATH="$PATH:/usr/sbin:/sbin"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=slurm/nodes.sh
 source "$HERE/nodes.sh"
-H="${PREFVEC_SLURM_HOME:-$HOME/.cache/prefvec-ds/slurm}"
-ETC="$H/etc" RUN="$H/run" LOG="$H/log"
-CONF="$ETC/slurm.conf"
-SETTINGS="$ETC/cluster.env"   # ports/accounting chosen at creation, sourced on every call
 NODE=localhost
+
+# `--nodes N` (any command): N > 1 picks the multi-node defaults (folder slurm-<N>nodes, ports
+# from 18810), so a multi-node cluster runs beside the default one-node cluster.
+set_home() {  # requested nodes or ""
+    local dflt="$HOME/.cache/prefvec-ds/slurm"
+    if [[ -n "$1" && "$1" != 1 ]]; then dflt="$HOME/.cache/prefvec-ds/slurm-${1}nodes"; fi
+    H="${PREFVEC_SLURM_HOME:-$dflt}"
+    ETC="$H/etc" RUN="$H/run" LOG="$H/log"
+    CONF="$ETC/slurm.conf"
+    SETTINGS="$ETC/cluster.env"   # ports/accounting chosen at creation, sourced on every call
+}
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -47,7 +56,7 @@ load_settings() {
         # shellcheck disable=SC1090
         source "$SETTINGS"
     else
-        PORT_BASE="${PREFVEC_SLURM_PORT_BASE:-16817}"
+        PORT_BASE="${PREFVEC_SLURM_PORT_BASE:-$([[ "${REQUESTED_NODES:-1}" == 1 ]] && echo 16817 || echo 18810)}"
         ACCOUNTING="${PREFVEC_SLURM_ACCOUNTING:-1}"
         CPUS="${PREFVEC_SLURM_CPUS:-8}"
         FIRST_JOB_ID="${PREFVEC_SLURM_FIRST_JOB_ID:-1}"
@@ -272,16 +281,6 @@ take_lock() {
     flock -w 120 9 || die "another cluster.sh holds $H/.lock"
 }
 
-all_nodes() { if ((NODES > 1)); then node_names | paste -sd,; else echo "$NODE"; fi; }
-# One line per node ("node1 idle"); ready when every node answers and takes jobs.
-node_state() { sinfo -h -N -n "$(all_nodes)" -o "%N %T" 2>/dev/null; }
-node_ready() {
-    local states
-    states="$(node_state)" || return 1
-    [[ "$(grep -cE ' (idle|mixed|allocated)$' <<<"$states")" == "$NODES" ]]
-}
-# What `up` prints: "localhost: idle" for one node, "node1: idle, node2: idle" for several.
-node_summary() { node_state | sed 's/ /: /' | paste -sd, | sed 's/,/, /g'; }
 
 cmd_up() {
     # slurmd starts every job as its user and slurmctld/slurmdbd are configured as root.
@@ -380,18 +379,26 @@ cmd_status() {
 }
 
 main() {
-    if [[ "${1:-}" == up && "${2:-}" == --nodes ]]; then
-        [[ "${3:-}" =~ ^[1-9][0-9]*$ ]] || die "up --nodes ${3:-}: expected a node count >= 1"
-        REQUESTED_NODES="$3"
-    fi
+    local args=() purge=""
+    while (($#)); do
+        case "$1" in
+            --nodes)
+                [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--nodes ${2:-}: expected a node count >= 1"
+                REQUESTED_NODES="$2"
+                shift 2 ;;
+            --purge) purge=--purge; shift ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    set_home "${REQUESTED_NODES:-}"
     load_settings
     export SLURM_CONF="$CONF"
-    case "${1:-}" in
+    case "${args[0]:-}" in
         up) cmd_up ;;
-        down) cmd_down "${2:-}" ;;
+        down) cmd_down "$purge" ;;
         status) cmd_status ;;
         env) echo "export SLURM_CONF=$CONF" ;;
-        *) echo "usage: $0 up [--nodes N]|down [--purge]|status|env" >&2; exit 2 ;;
+        *) echo "usage: $0 up|down [--purge]|status|env [--nodes N]" >&2; exit 2 ;;
     esac
 }
 

@@ -6,7 +6,8 @@
 # other and the host's bridge address, and nothing else. Every name starts with NET_PREFIX, so
 # `down` deletes only what `up` made (and two clusters with different prefixes coexist).
 #
-# Expects from cluster.sh: H, ETC, RUN, LOG, CONF, NODES, SUBNET, NET_PREFIX, log(), die().
+# Expects from cluster.sh: H, ETC, RUN, LOG, CONF, NODE, NODES, PORT_BASE, SUBNET, NET_PREFIX,
+# log(), die().
 
 bridge_name() { echo "${NET_PREFIX}br0"; }
 netns_name() { echo "${NET_PREFIX}ns$1"; }  # node index
@@ -14,6 +15,18 @@ node_name() { echo "node$1"; }
 node_addr() { echo "$SUBNET.$((10 + $1))"; }
 bridge_addr() { echo "$SUBNET.1"; }
 node_names() { local i; for ((i = 1; i <= NODES; i++)); do node_name "$i"; done; }
+
+# Node state lines and readiness, for one node (localhost) or many.
+all_nodes() { if ((NODES > 1)); then node_names | paste -sd,; else echo "$NODE"; fi; }
+# One line per node ("node1 idle"); ready when every node answers and takes jobs.
+node_state() { sinfo -h -N -n "$(all_nodes)" -o "%N %T" 2>/dev/null; }
+node_ready() {
+    local states
+    states="$(node_state)" || return 1
+    [[ "$(grep -cE ' (idle|mixed|allocated)$' <<<"$states")" == "$NODES" ]]
+}
+# What `up` prints: "localhost: idle" for one node, "node1: idle, node2: idle" for several.
+node_summary() { node_state | sed 's/ /: /' | paste -sd, | sed 's/,/, /g'; }
 
 check_net_settings() {
     [[ "$SUBNET" =~ ^10\.[0-9]{1,3}\.[0-9]{1,3}$ ]] \
