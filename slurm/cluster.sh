@@ -373,7 +373,7 @@ cmd_status() {
             all=3
         fi
     done
-    [[ -f "$CONF" ]] && node_state | sed 's/^/node /'
+    [[ -f "$CONF" ]] && node_state | sed 's/^\([^ ]*\) /node \1: /'
     echo "SLURM_CONF=$CONF"
     return $all
 }

@@ -48,22 +48,21 @@ REQUEUED = 3  # array index of dpo/harmless- (helpful+/- are copied from local_r
 @pytest.fixture(scope="module", autouse=True)
 def on_two_nodes(two_node_cluster):
     """Talk to the two-node cluster in this module (the session's SLURM_CONF is the one-node
-    cluster's). Both nodes share this machine's 2 cores: one thread per rank, not 2 x 2."""
-    saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "OMP_NUM_THREADS")}
-    os.environ.update(SLURM_CONF=str(two_node_cluster.conf), OMP_NUM_THREADS="1")
+    cluster's)."""
+    saved = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(two_node_cluster.conf)
     yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved
 
 
-def copy_run(src: Path, dst: Path, stages: list[str], current: list[str]) -> None:
+def copy_run(src: Path, dst: Path, stages: list[str], current: list[str], *extra: str) -> None:
     """Copy the outputs and manifests of `stages` from a finished run into `dst`, and declare
     `current` up to date for the two-node config: their fingerprints count the world size, so
     the copied SFT (and helpful+/-) would otherwise be redone, and the two-node DPO would not
-    start from local_run's theta_base."""
+    start from local_run's theta_base. `extra`: more overrides of the run to be submitted."""
     outputs = {"init_model"} | {s if s.startswith("dpo/") else s.split("/")[0] for s in stages}
     for rel in sorted(outputs):
         shutil.copytree(src / rel, dst / rel)
@@ -71,16 +70,18 @@ def copy_run(src: Path, dst: Path, stages: list[str], current: list[str]) -> Non
     for stage in stages:
         name = f"{stage.replace('/', '_')}.json"
         shutil.copy2(src / "pipeline" / "manifests" / name, dst / "pipeline" / "manifests")
-    cfg = load_config(RECIPE, run_args(dst, *TWO_NODES)[1:])
+    cfg = load_config(RECIPE, run_args(dst, *TWO_NODES, *extra)[1:])
     for stage in build_dag(cfg):  # upstream first: a fingerprint hashes its inputs' output ids
         if stage.name in current:
             manifest.update(dst, stage, fingerprint=manifest.input_fingerprint(dst, stage))
 
 
-def submit(run: Path, cancel: tuple[str, ...] = ("merge", "eval")) -> dict[str, dict]:
+def submit(run: Path, cancel: tuple[str, ...] = ("merge", "eval"), *extra: str) -> dict[str, dict]:
     """`prefvec submit` on two nodes; the merge and eval jobs are cancelled at once (minutes of
-    generation that prove nothing about nodes)."""
-    prefvec("submit", *run_args(run, *TWO_NODES))
+    generation that prove nothing about nodes). Both nodes share this machine's 2 cores: one
+    thread per rank (sbatch passes the variable on), not 2 x 2; only for these jobs, so that
+    local_run (maybe run later in this session) keeps its threads."""
+    prefvec("submit", *run_args(run, *TWO_NODES, *extra), env={"OMP_NUM_THREADS": "1"})
     record = json.loads((run / "pipeline" / "jobs.json").read_text())["submissions"][-1]
     jobs = {job["kind"]: job for job in record["jobs"]}
     slurm.cancel([jobs[k]["job_id"] for k in cancel if k in jobs])
@@ -228,10 +229,14 @@ def rank_pids(raw_job_id: str, rank: int) -> list[int]:
 
 def test_rank_killed_on_node2_fails_the_job_and_status_names_it(two_node_run, tmp_path):
     run = tmp_path / "kill"
+    # 1000 steps: still training whenever the kill comes (16 take ~3 s here); never finished.
+    # Only dpo/harmless- is submitted: the other directions are declared current.
+    longer = "dpo.max_steps=1000"
     copy_run(two_node_run["run"], run, ["sft", "ref_logps/helpful", "ref_logps/harmless",
                                         "dpo/helpful+", "dpo/helpful-", "dpo/harmless+"],
-             current=[])
-    jobs = submit(run, cancel=("vectors", "merge", "eval"))
+             ["dpo/helpful+", "dpo/helpful-", "dpo/harmless+"], longer)
+    jobs = submit(run, ("vectors", "merge", "eval"), longer)
+    assert jobs["dpo"]["stages"] == {str(REQUEUED): "dpo/harmless-"}, jobs
     task = f"{jobs['dpo']['job_id']}_{REQUEUED}"
     wait_for(run / "dpo" / "harmless-" / "ckpt" / "global_step4" / COMPLETE_MARKER, [task])
     raw = slurm.job_states([task])[task].raw_id
