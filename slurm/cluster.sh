@@ -96,6 +96,7 @@ wait_for() {  # seconds description command...
 ensure_packages() {
     local need=(sbatch slurmctld slurmd munged mungekey)
     [[ "$ACCOUNTING" == 1 ]] && need+=(slurmdbd mariadbd mariadb-install-db)
+    ((NODES > 1)) && need+=(ip nsenter unshare)
     local bin
     for bin in "${need[@]}"; do
         command -v "$bin" >/dev/null 2>&1 && continue

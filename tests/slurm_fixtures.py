@@ -30,7 +30,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "slurm" / "cluster.sh"
 INSTALL_SH = REPO / "slurm" / "install_deps.sh"
-BINARIES = ("sbatch", "srun", "squeue", "scontrol", "slurmctld", "slurmd", "munged")
+BINARIES = ("sbatch", "srun", "squeue", "scontrol", "slurmctld", "slurmd", "munged", "ip",
+            "nsenter", "unshare")
 # Variables of an enclosing job (CI itself under SLURM) would steer our sbatch/srun into that
 # job's allocation; the tests must talk to their own cluster only.
 _FOREIGN_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")
