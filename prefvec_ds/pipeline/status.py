@@ -21,7 +21,8 @@ LOG_LINES = 12
 # srun's account of a task that died: "srun: error: node2: task 1: Killed", or for several
 # "srun: error: node1: tasks 0-1: Exited with exit code 3". The first one is the cause; with
 # --kill-on-bad-exit the lines after it are the peers srun terminated because of it.
-SRUN_TASK_ERROR = re.compile(r"srun: error: (?P<node>[^:\s]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
+SRUN_TASK_ERROR = re.compile(
+    r"srun: error: (?P<node>[^:\s]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
 
 
 @dataclass
