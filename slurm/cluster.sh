@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster in a private folder, for tests and for trying prefvec-ds on
-# one machine.
+# A real SLURM cluster in a private folder, for tests and for trying prefvec-ds on one machine:
+# one node (localhost), or N nodes, each a network namespace with its own address and hostname
+# (slurm/nodes.sh).
 #
 #   slurm/cluster.sh up        # install packages if missing, write configs, start daemons
+#   slurm/cluster.sh up --nodes 2   # node1, node2 in namespaces on a private bridge; give
+#                                   # --nodes 2 to down/status/env too (its own default folder)
 #   slurm/cluster.sh status    # which daemons run, node state; exit 3 when not all up
 #   slurm/cluster.sh env       # prints `export SLURM_CONF=...`; use: eval "$(slurm/cluster.sh env)"
 #   slurm/cluster.sh down      # cancel our jobs, stop only the daemons we started (pid files)
@@ -10,27 +13,40 @@
 #
 # Environment (all optional):
 #   PREFVEC_SLURM_HOME        folder for configs, state, logs, pid files, munge key and socket
-#                             (default $HOME/.cache/prefvec-ds/slurm)
-#   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb
-#                             (default 16817; the stock ports are 6817-6819 and 3306, and
+#                             (default $HOME/.cache/prefvec-ds/slurm, slurm-<N>nodes for N > 1)
+#   PREFVEC_SLURM_PORT_BASE   first of 4 TCP ports: slurmctld, slurmd, slurmdbd, mariadb, and
+#                             for N > 1 srun's range, +10..+39
+#                             (default 16817, 18810 for N > 1; the stock ports are 6817-6819 and 3306, and
 #                             20000-32767 is where jobs put MASTER_PORT, see distributed/env.py)
 #   PREFVEC_SLURM_FIRST_JOB_ID first job id (default 1): private clusters on one machine with
 #                             different ids never derive the same MASTER_PORT
 #   PREFVEC_SLURM_CPUS        CPUs the node advertises (default 8: four array tasks at once)
 #   PREFVEC_SLURM_ACCOUNTING  1 (default): slurmdbd + mariadb so that sacct works; 0: without
 #   PREFVEC_SLURM_NO_INSTALL  1: never call apt-get; fail when a binary is missing
+#   PREFVEC_SLURM_SUBNET      nodes' /24 when --nodes > 1 (default 10.213.0: bridge .1, node i .1i)
+#   PREFVEC_SLURM_NET_PREFIX  prefix of the bridge, veth and namespace names (default pvmn)
 #
-# The ports and the accounting choice are fixed when the folder is first created (they are
+# Use another PREFVEC_SLURM_HOME and port base for a multi-node cluster beside a one-node one.
+# The ports, node count, subnet and the accounting choice are fixed when the folder is first created (they are
 # read back from it afterwards), so `up` twice, or `up` from another shell, is a no-op.
 set -euo pipefail
 export PATH="$PATH:/usr/sbin:/sbin"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-H="${PREFVEC_SLURM_HOME:-$HOME/.cache/prefvec-ds/slurm}"
-ETC="$H/etc" RUN="$H/run" LOG="$H/log"
-CONF="$ETC/slurm.conf"
-SETTINGS="$ETC/cluster.env"   # ports/accounting chosen at creation, sourced on every call
+# shellcheck source=slurm/nodes.sh
+source "$HERE/nodes.sh"
 NODE=localhost
+
+# `--nodes N` (any command): N > 1 picks the multi-node defaults (folder slurm-<N>nodes, ports
+# from 18810), so a multi-node cluster runs beside the default one-node cluster.
+set_home() {  # requested nodes or ""
+    local dflt="$HOME/.cache/prefvec-ds/slurm"
+    if [[ -n "$1" && "$1" != 1 ]]; then dflt="$HOME/.cache/prefvec-ds/slurm-${1}nodes"; fi
+    H="${PREFVEC_SLURM_HOME:-$dflt}"
+    ETC="$H/etc" RUN="$H/run" LOG="$H/log"
+    CONF="$ETC/slurm.conf"
+    SETTINGS="$ETC/cluster.env"   # ports/accounting chosen at creation, sourced on every call
+}
 
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -40,12 +56,19 @@ load_settings() {
         # shellcheck disable=SC1090
         source "$SETTINGS"
     else
-        PORT_BASE="${PREFVEC_SLURM_PORT_BASE:-16817}"
+        PORT_BASE="${PREFVEC_SLURM_PORT_BASE:-$([[ "${REQUESTED_NODES:-1}" == 1 ]] && echo 16817 || echo 18810)}"
         ACCOUNTING="${PREFVEC_SLURM_ACCOUNTING:-1}"
         CPUS="${PREFVEC_SLURM_CPUS:-8}"
         FIRST_JOB_ID="${PREFVEC_SLURM_FIRST_JOB_ID:-1}"
+        NODES="${REQUESTED_NODES:-1}"
+        SUBNET="${PREFVEC_SLURM_SUBNET:-10.213.0}"
+        NET_PREFIX="${PREFVEC_SLURM_NET_PREFIX:-pvmn}"
     fi
     FIRST_JOB_ID="${FIRST_JOB_ID:-1}"  # folders made before the setting existed
+    NODES="${NODES:-1}" SUBNET="${SUBNET:-10.213.0}" NET_PREFIX="${NET_PREFIX:-pvmn}"
+    if [[ -n "${REQUESTED_NODES:-}" && "$REQUESTED_NODES" != "$NODES" ]]; then
+        die "$H was created with --nodes $NODES, not $REQUESTED_NODES: use another PREFVEC_SLURM_HOME"
+    fi
     CTLD_PORT=$PORT_BASE SLURMD_PORT=$((PORT_BASE + 1))
     DBD_PORT=$((PORT_BASE + 2)) DB_PORT=$((PORT_BASE + 3))
 }
@@ -73,6 +96,7 @@ wait_for() {  # seconds description command...
 ensure_packages() {
     local need=(sbatch slurmctld slurmd munged mungekey)
     [[ "$ACCOUNTING" == 1 ]] && need+=(slurmdbd mariadbd mariadb-install-db)
+    ((NODES > 1)) && need+=(ip nsenter unshare)
     local bin
     for bin in "${need[@]}"; do
         command -v "$bin" >/dev/null 2>&1 && continue
@@ -84,8 +108,8 @@ ensure_packages() {
 
 write_settings() {
     [[ -f "$SETTINGS" ]] && return
-    printf 'PORT_BASE=%s\nACCOUNTING=%s\nCPUS=%s\nFIRST_JOB_ID=%s\n' "$PORT_BASE" "$ACCOUNTING" \
-        "$CPUS" "$FIRST_JOB_ID" >"$SETTINGS"
+    printf 'PORT_BASE=%s\nACCOUNTING=%s\nCPUS=%s\nFIRST_JOB_ID=%s\nNODES=%s\nSUBNET=%s\nNET_PREFIX=%s\n' \
+        "$PORT_BASE" "$ACCOUNTING" "$CPUS" "$FIRST_JOB_ID" "$NODES" "$SUBNET" "$NET_PREFIX" >"$SETTINGS"
 }
 
 write_slurm_conf() {
@@ -100,11 +124,22 @@ AccountingStoragePort=$DBD_PORT
 AccountingStoragePass=$RUN/munge.sock"
     fi
     local CRED_EXPIRE="${PREFVEC_SLURM_CRED_EXPIRE:-10}"
+    # One node: the controller and slurmd on 127.0.0.1. Several: the controller on the bridge
+    # address (its name must be this host's name), each slurmd in its namespace.
+    local ctld="$NODE(127.0.0.1)" nodes_conf
+    nodes_conf="SlurmdPidFile=$RUN/slurmd.pid
+SlurmdLogFile=$LOG/slurmd.log
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP"
+    if ((NODES > 1)); then
+        ctld="$(hostname -s)($(bridge_addr))"
+        nodes_conf="$(node_conf_lines "$CPUS" "$mem_mb")"
+    fi
     cat >"$CONF.tmp" <<EOF
 # Written by slurm/cluster.sh; regenerated on every \`up\`.
 ClusterName=prefvec
 FirstJobId=$FIRST_JOB_ID
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$ctld
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 SlurmUser=root
@@ -116,9 +151,7 @@ AuthInfo=socket=$RUN/munge.sock,cred_expire=$CRED_EXPIRE
 StateSaveLocation=$H/state
 SlurmdSpoolDir=$H/spool/slurmd-%n
 SlurmctldPidFile=$RUN/slurmctld.pid
-SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
 TmpFS=$H/tmp
 MailProg=/bin/true
 SelectType=select/cons_tres
@@ -145,8 +178,7 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 $acct
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$nodes_conf
 EOF
     if cmp -s "$CONF.tmp" "$CONF"; then
         rm -f "$CONF.tmp"
@@ -227,13 +259,19 @@ start_slurm() {
     if ! live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null; then
         slurmctld 9>&- || die "slurmctld failed, see $LOG/slurmctld.log"
     fi
-    if ! live_pid slurmd "$RUN/slurmd.pid" >/dev/null; then
+    local i name
+    if ((NODES > 1)); then
+        for ((i = 1; i <= NODES; i++)); do
+            name="$(node_name "$i")"
+            live_pid slurmd "$RUN/slurmd.$name.pid" >/dev/null || start_node_slurmd "$i"
+        done
+    elif ! live_pid slurmd "$RUN/slurmd.pid" >/dev/null; then
         # -N: the node is called "localhost" in slurm.conf whatever the host name is.
         slurmd -N "$NODE" 9>&- || die "slurmd failed, see $LOG/slurmd.log"
     fi
     wait_for 30 node node_ready || {
-        scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
-        wait_for 15 node node_ready || die "node $NODE not ready: $(node_state); see $LOG/slurmd.log"
+        scontrol update nodename="$(all_nodes)" state=resume >/dev/null 2>&1 || true
+        wait_for 15 node node_ready || die "nodes not ready: $(node_state | tr '\n' ' '); see $LOG/slurmd*.log"
     }
 }
 
@@ -244,8 +282,6 @@ take_lock() {
     flock -w 120 9 || die "another cluster.sh holds $H/.lock"
 }
 
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
-node_ready() { [[ "$(node_state)" =~ ^(idle|mixed|allocated)$ ]]; }
 
 cmd_up() {
     # slurmd starts every job as its user and slurmctld/slurmdbd are configured as root.
@@ -254,6 +290,11 @@ cmd_up() {
     mkdir -p "$ETC" "$RUN" "$LOG" "$H/state" "$H/spool" "$H/tmp"
     take_lock
     write_settings
+    if ((NODES > 1)); then
+        net_up
+        # slurmd does not create its spool folder's parent for %n ("Domain socket directory").
+        node_names | while read -r name; do mkdir -p "$H/spool/slurmd-$name"; done
+    fi
     CONF_CHANGED=0
     write_slurm_conf
     if [[ "$CONF_CHANGED" == 1 ]] && live_pid slurmctld "$RUN/slurmctld.pid" >/dev/null; then
@@ -266,7 +307,7 @@ cmd_up() {
         start_slurmdbd
     fi
     start_slurm
-    log "up: SLURM_CONF=$CONF (node $NODE: $(node_state))"
+    log "up: SLURM_CONF=$CONF ($(node_summary))"
 }
 
 # TERM a group of daemons at once (each takes 1-3 s to exit), wait, KILL what is left.
@@ -300,8 +341,15 @@ cmd_down() {
         fi
     fi
     # SLURM first (slurmctld flushes accounting to slurmdbd on the way out), then what it used.
-    stop_daemons "slurmd:$RUN/slurmd.pid" "slurmctld:$RUN/slurmctld.pid"
+    local slurmds=("slurmd:$RUN/slurmd.pid") name
+    if ((NODES > 1)); then
+        slurmds=()
+        for name in $(node_names); do slurmds+=("slurmd:$RUN/slurmd.$name.pid"); done
+    fi
+    stop_daemons "${slurmds[@]}" "slurmctld:$RUN/slurmctld.pid"
     stop_daemons "slurmdbd:$RUN/slurmdbd.pid" "mariadbd:$RUN/mariadb.pid" "munged:$RUN/munged.pid"
+    # Only after the daemons: a slurmd whose namespace is gone could not even say goodbye.
+    if ((NODES > 1)); then net_down; fi
     if [[ "${1:-}" == --purge ]]; then
         rm -rf "$H"
         log "down: stopped and removed $H"
@@ -311,31 +359,47 @@ cmd_down() {
 }
 
 cmd_status() {
-    local all=0 name pidfile pid
-    for pair in munged:munged slurmctld:slurmctld slurmd:slurmd slurmdbd:slurmdbd mariadbd:mariadb; do
+    local all=0 name pidfile pid pairs=(munged:munged slurmctld:slurmctld slurmd:slurmd)
+    if ((NODES > 1)); then
+        pairs=(munged:munged slurmctld:slurmctld)
+        for name in $(node_names); do pairs+=("slurmd:slurmd.$name"); done
+    fi
+    for pair in "${pairs[@]}" slurmdbd:slurmdbd mariadbd:mariadb; do
         name="${pair%%:*}" pidfile="$RUN/${pair#*:}.pid"
         if [[ "$name" =~ ^(slurmdbd|mariadbd)$ && "$ACCOUNTING" != 1 ]]; then continue; fi
         if pid="$(live_pid "$name" "$pidfile")"; then
-            echo "$name: running (pid $pid)"
+            echo "${pair#*:}: running (pid $pid)"
         else
-            echo "$name: stopped"
+            echo "${pair#*:}: stopped"
             all=3
         fi
     done
-    [[ -f "$CONF" ]] && echo "node $NODE: $(node_state || true)"
+    [[ -f "$CONF" ]] && node_state | sed 's/^\([^ ]*\) /node \1: /'
     echo "SLURM_CONF=$CONF"
     return $all
 }
 
 main() {
+    local args=() purge=""
+    while (($#)); do
+        case "$1" in
+            --nodes)
+                [[ "${2:-}" =~ ^[1-9][0-9]*$ ]] || die "--nodes ${2:-}: expected a node count >= 1"
+                REQUESTED_NODES="$2"
+                shift 2 ;;
+            --purge) purge=--purge; shift ;;
+            *) args+=("$1"); shift ;;
+        esac
+    done
+    set_home "${REQUESTED_NODES:-}"
     load_settings
     export SLURM_CONF="$CONF"
-    case "${1:-}" in
+    case "${args[0]:-}" in
         up) cmd_up ;;
-        down) cmd_down "${2:-}" ;;
+        down) cmd_down "$purge" ;;
         status) cmd_status ;;
         env) echo "export SLURM_CONF=$CONF" ;;
-        *) echo "usage: $0 up|down [--purge]|status|env" >&2; exit 2 ;;
+        *) echo "usage: $0 up|down [--purge]|status|env [--nodes N]" >&2; exit 2 ;;
     esac
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages a local single-node SLURM cluster needs (slurm/cluster.sh).
+# Install the Debian packages a local SLURM cluster needs (slurm/cluster.sh, one or N nodes).
 #
 #   slurm/install_deps.sh            # slurm-wlm + munge + slurmdbd + mariadb-server
 #   PREFVEC_SLURM_ACCOUNTING=0 slurm/install_deps.sh   # skip slurmdbd + mariadb (no sacct)
@@ -11,8 +11,11 @@ set -euo pipefail
 
 accounting="${PREFVEC_SLURM_ACCOUNTING:-1}"
 # binary -> package; the binary is what we check, the package is what apt installs.
+# ip, nsenter, unshare: the namespaces of `cluster.sh up --nodes N` (tests/slurm starts a
+# two-node cluster too); a minimal Debian image lacks iproute2.
 declare -A wanted=([sbatch]=slurm-wlm [slurmctld]=slurm-wlm [slurmd]=slurm-wlm
-                   [munged]=munge [mungekey]=munge)
+                   [munged]=munge [mungekey]=munge [ip]=iproute2 [nsenter]=util-linux
+                   [unshare]=util-linux)
 if [[ "$accounting" == 1 ]]; then
     wanted[slurmdbd]=slurmdbd
     wanted[mariadbd]=mariadb-server

@@ -9,12 +9,16 @@ Order of precedence (first match wins):
    task, and the MPI path would need mpi4py (an optional extra) on every rank for nothing.
 3. SLURM srun: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the first host of
    SLURM_JOB_NODELIST (via `scontrol show hostnames`), MASTER_PORT derived from the job id.
+   Across nodes the first host's name must resolve, on every node, to an address the others
+   reach: gloo also binds each rank to the address of its own hostname (a hostname that
+   resolves to 127.0.0.1 needs GLOO_SOCKET_IFNAME, see docs/slurm.md).
 4. A single process.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -51,7 +55,19 @@ def slurm_job_port(job_id: str) -> int:
     return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
 
 
-def _first_slurm_host(nodelist: str) -> str:
+def first_host_of(nodelist: str) -> str:
+    """The first host of a SLURM node list without asking scontrol: `node[3-4,7],gpu1` ->
+    `node3`, `a01,a02` -> `a01`, `cn[007-008]` -> `cn007` (zero padding kept). The old fallback
+    cut at `[` and gave `node`, a host that does not exist: every rank off the first node then
+    failed to resolve the rendezvous address."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = match.group(1), match.group(2)
+    if ranges is None:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def _first_slurm_host(nodelist: str, env) -> str:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                              text=True, check=True, timeout=30).stdout.split()
@@ -59,7 +75,34 @@ def _first_slurm_host(nodelist: str) -> str:
             return out[0]
     except (OSError, subprocess.SubprocessError):
         pass
-    return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+    # 127.0.0.1 only for a one-node job: on a second node it is that node, not the rendezvous.
+    if nodelist and first_host_of(nodelist):
+        return first_host_of(nodelist)
+    return "127.0.0.1" if int(env.get("SLURM_NNODES", 1)) <= 1 else env.get("SLURMD_NODENAME", "")
+
+
+def local_world_size(info: RankInfo, env=None) -> int:
+    """Ranks on this node, which share its cores. A launcher's own count (LOCAL_WORLD_SIZE from
+    torchrun, LOCAL_SIZE from the deepspeed launcher, Open MPI's local size); for ranks srun
+    started, this node's entry of SLURM_STEP_TASKS_PER_NODE (`2(x3),1`: 2 on each of the first
+    three nodes, 1 on the fourth) at SLURM_NODEID. Else every rank is local (one node). Two nodes
+    with one rank each are 1 per node, not the world size 2.
+    """
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    # only srun's ranks: in a batch shell that ran a launcher, SLURM's counts are the shell's
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+    if info.source == "slurm" and spec and env.get("SLURM_NODEID", "").isdigit():
+        per_node = []
+        for item in spec.split(","):
+            count, _, repeat = item.partition("(x")
+            per_node += [int(count)] * int(repeat.rstrip(")") or 1)
+        node = int(env["SLURM_NODEID"])
+        if node < len(per_node):
+            return per_node[node]
+    return info.world_size
 
 
 def srun_task(env) -> bool:
@@ -106,7 +149,7 @@ def discover(env=None) -> RankInfo:
                                                if "SLURM_JOB_ID" in env else 29500))
         return RankInfo(*mpi, addr, port, "mpi")
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        host = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""))
+        host = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", ""), env)
         port = int(env.get("MASTER_PORT") or slurm_job_port(env["SLURM_JOB_ID"]))
         return RankInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                         int(env.get("SLURM_LOCALID", 0)), host, port, "slurm")

@@ -24,7 +24,8 @@ def init(seed: int) -> dist_env.RankInfo:
     if dist_env.accelerator_is_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # ranks on one node share its cores: 2 ranks on 2 cores -> 1 thread each, not 2 x 2.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        # (per node: two nodes with one rank each give each rank all of its node's cores)
+        local_world = dist_env.local_world_size(info)
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     else:

@@ -8,6 +8,7 @@ job failed (afterok + kill-on-invalid-dep).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,11 @@ from prefvec_ds.pipeline.submit import read_submissions
 
 RUNNING_STATES = ("RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 LOG_LINES = 12
+# srun's account of a task that died: "srun: error: node2: task 1: Killed", or for several
+# "srun: error: node1: tasks 0-1: Exited with exit code 3". The first one is the cause; with
+# --kill-on-bad-exit the lines after it are the peers srun terminated because of it.
+SRUN_TASK_ERROR = re.compile(
+    r"srun: error: (?P<node>[^:\s]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")
 
 
 @dataclass
@@ -35,6 +41,9 @@ class StageStatus:
     """Wall time of the last finished attempt (from the manifest)."""
     log_tail: list[str] = field(default_factory=list)
     """Last lines of the stage's log (failed stages only)."""
+    failed_tasks: list[str] = field(default_factory=list)
+    """srun's lines about tasks that died, first (the cause) first, e.g. `node2 rank 1:
+    Killed`, from the whole log (failed stages only): they may lie before the last lines."""
 
 
 def _latest_jobs(run_dir: Path) -> dict[str, dict]:
@@ -57,6 +66,23 @@ def _tail(paths: list[Path], lines: int = LOG_LINES) -> list[str]:
         if path.is_file():
             text += path.read_text(errors="replace").splitlines()[-lines:]
     return text[-lines:]
+
+
+def srun_task_errors(paths: list[Path]) -> list[str]:
+    """`<node> rank <task ids>: <what>` for every srun task error in the logs, oldest first;
+    srun's task ids are the ranks (SLURM_PROCID). Only the latest attempt of a requeued job
+    counts: lines before its last `[prefvec] job=` start line belong to earlier runs."""
+    found = []
+    for path in paths:
+        if not path.is_file():
+            continue
+        lines = path.read_text(errors="replace").splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("[prefvec] job=")]
+        for line in lines[starts[-1] if starts else 0:]:
+            m = SRUN_TASK_ERROR.search(line)
+            if m:
+                found.append(f"{m['node']} rank {m['tasks']}: {m['what'].strip()}")
+    return found
 
 
 def _from_manifest(run_dir: Path, stage: Stage) -> StageStatus:
@@ -132,6 +158,9 @@ def collect(run_dir: Path, stages: list[Stage]) -> list[StageStatus]:
             row.detail = _cancel_reason(stage, rows) or row.detail
         if row.state == "failed" and stage.name in jobs:
             row.log_tail = _tail(jobs[stage.name]["logs"])
+            row.failed_tasks = srun_task_errors(jobs[stage.name]["logs"])
+            if row.failed_tasks:
+                row.detail = f"{row.detail}; first failed task: {row.failed_tasks[0]}"
         elif row.state == "failed":
             log = (manifest.read(run_dir, stage.name) or {}).get("log")
             row.log_tail = _tail([Path(log)]) if log else []
@@ -147,7 +176,9 @@ def format_status(rows: list[StageStatus]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(t[:4], widths)) + "  " + t[4] for t in table]
     for r in rows:
         if r.state == "failed":
-            lines.append(f"\n{r.stage} failed ({r.detail}); last log lines:")
+            lines.append(f"\n{r.stage} failed ({r.detail})")
+            lines += [f"  srun: {t}" for t in r.failed_tasks]
+            lines.append("  last log lines:")
             lines += [f"  | {line}" for line in r.log_tail] or ["  | (no log)"]
     return "\n".join(line.rstrip() for line in lines)
 
