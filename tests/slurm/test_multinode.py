@@ -31,7 +31,7 @@ from pipeline_fixtures import RECIPE, local_run, prefvec, run_args  # noqa: E402
 from slurm_fixtures import CLUSTER_SH, cluster_env, cluster_up, free_subnet  # noqa: E402
 
 from prefvec_ds.config.loader import load_config  # noqa: E402
-from prefvec_ds.distributed.engine import COMPLETE_MARKER  # noqa: E402
+from prefvec_ds.distributed.checkpoints import COMPLETE_MARKER  # noqa: E402
 from prefvec_ds.pipeline import manifest, slurm  # noqa: E402
 from prefvec_ds.pipeline.dag import build_dag  # noqa: E402
 
