@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="median of this many runs (and of this many disk probes)")
     ap.add_argument("--only-ours", action="store_true", help="skip the conventional route")
+    ap.add_argument("--methods", action="store_true",
+                    help="also ties / dare_ties merges (and mergekit's ties on the gathered models)")
     ap.add_argument("--zero2", action="store_true",
                     help="also build ZeRO-2 checkpoints of the model and time the extractor "
                          "(prefvec vector) and (b) on them next to the ZeRO-3 ones")
@@ -385,6 +387,10 @@ def run(args: argparse.Namespace) -> None:
         results.update(crc_cost(models, work, args.workers, args.repeats))
     if args.also_layers:
         results["also"] = _second_size(args, params, b_wall, b_rss)
+    if args.methods:
+        from extract_merge_methods import methods_next_to_task_arithmetic  # noqa: PLC0415
+
+        results["methods"] = methods_next_to_task_arithmetic(args, models, work)
     if args.zero2:
         from extract_merge_zero2 import zero2_next_to_zero3  # noqa: PLC0415
 

@@ -107,6 +107,21 @@ def diagnostics(summary: dict) -> list[str]:
     return out
 
 
+def comparison(run_dir: Path) -> list[str]:
+    """eval/comparison.md's table (every system with its training cost), when the run has
+    baselines; written by the eval stage (prefvec_ds.pipeline.compare)."""
+    path = run_dir / "eval" / "comparison.json"
+    if not path.is_file():
+        return ["(no baselines in this run)"]
+    from prefvec_ds.pipeline.compare import markdown  # noqa: PLC0415
+
+    table = json.loads(path.read_text())
+    return [f"PV sweep choice: {table['chosen_by']}. Cost: wall time and rank-hours summed over "
+            "the stages each system needs (theta_base's SFT excluded), peak RSS of any rank; "
+            "the stages ran concurrently on 2 shared cores, so wall times overlap.", "",
+            markdown(table)]
+
+
 def write(run_dir: Path, command: str) -> None:
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     wall, rss = wall_seconds(run_dir), peak_rss_mb(run_dir)
@@ -118,6 +133,7 @@ def write(run_dir: Path, command: str) -> None:
             "Written by `python benchmarks/quickstart_figures.py` from one run of the quickstart; "
             "regenerate it when the code changes what the quickstart measures.", "", *block, "",
             "## Trends along each eta (the other etas at 0)", "", *trend_lines(summary), "",
+            "## Preference Vectors against the baselines", "", *comparison(run_dir), "",
             "## Checks and vector diagnostics", "", *diagnostics(summary), "",
             f"The full report of the run (every point, plots): `{run_dir}/eval/report.md`.", ""]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -109,8 +109,9 @@ def comparison(cfg: RunConfig, stages: list[Stage]) -> dict:
 
 
 def markdown(table: dict) -> str:
-    keys = [k for k in table["rows"][0] if k not in ("system", "eta")]
-    keys += [k for r in table["rows"] for k in r if k not in keys and k not in ("system", "eta")]
+    keys: list[str] = []
+    for r in table["rows"]:  # theta_base has no cost columns: the union, in first-seen order
+        keys += [k for k in r if k not in keys and k not in ("system", "eta")]
     lines = ["| system | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in table["rows"]:
         cells = [r.get(k) for k in keys]

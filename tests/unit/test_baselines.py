@@ -131,3 +131,14 @@ def test_compare_before_the_eval_is_one_clear_error(tmp_path):
     cfg = cfg_with(tmp_path, "pipeline.baselines=[dpo_joint]")
     with pytest.raises(PrefvecError, match="eval/sweep.json: no eval results yet"):
         comparison(cfg, build_dag(cfg))
+
+
+def test_comparison_markdown_has_one_column_per_figure():
+    from prefvec_ds.pipeline.compare import markdown
+
+    table = {"rows": [{"system": "theta_base", "eta": None, "helpful": 0.5},
+                      {"system": "bfpo", "eta": None, "helpful": 0.25, "wall_s": 12.0},
+                      {"system": "dpo_soup", "eta": None, "helpful": 0.75, "wall_s": 3.0}]}
+    lines = markdown(table).splitlines()
+    assert lines[0] == "| system | helpful | wall_s |"
+    assert lines[2] == "| theta_base | 0.5 |  |" and lines[3] == "| bfpo | 0.25 | 12 |"
