@@ -56,12 +56,33 @@ def validate_data(cfg: RunConfig) -> None:
     line): one error here, before a stage is launched or queued, not one per rank after it.
     MORA pairs do not exist yet (a stage writes them) and are checked by that stage."""
     from prefvec_ds.data.sources import load_preference, load_sft_examples  # noqa: PLC0415
+    from prefvec_ds.data.tokenize import require_safety_labels  # noqa: PLC0415
 
     if not cfg.model.base:
         load_sft_examples(cfg.data)
+    readers = safety_label_readers(cfg)
     for name, pref in cfg.data.preferences.items():
         if pref.source != "mora":
-            load_preference(name, pref, cfg.data)
+            pairs = load_preference(name, pref, cfg.data)
+            if name in readers:  # the ranks check again; this is the error before any launch
+                require_safety_labels(pairs, f"data.preferences.{name}", readers[name])
+
+
+def safety_label_readers(cfg: RunConfig) -> dict[str, str]:
+    """preference -> what will read its per-response safety labels (a safety-aware dpo loss,
+    a baseline that needs them)."""
+    from prefvec_ds.train.baselines import BASELINE_LOSS, NEEDS_SAFETY  # noqa: PLC0415
+    from prefvec_ds.train.losses import LOSSES  # noqa: PLC0415
+
+    readers = {}
+    for name in cfg.pipeline.baselines:
+        loss = BASELINE_LOSS.get(name)
+        if name in NEEDS_SAFETY or (loss and LOSSES[loss].needs_safety):
+            readers.setdefault(cfg.pipeline.baseline_roles["helpful"],
+                               f"pipeline.baselines {name}")
+    if LOSSES[cfg.dpo.loss_type].needs_safety:
+        readers.update({p: f"dpo.loss_type {cfg.dpo.loss_type}" for p in cfg.data.preferences})
+    return readers
 
 
 def _check_run_dir(cfg: RunConfig) -> None:

@@ -142,3 +142,23 @@ def test_comparison_markdown_has_one_column_per_figure():
     lines = markdown(table).splitlines()
     assert lines[0] == "| system | helpful | wall_s |"
     assert lines[2] == "| theta_base | 0.5 |  |" and lines[3] == "| bfpo | 0.25 | 12 |"
+
+
+def test_unlabelled_pairs_for_a_label_reading_baseline_fail_before_any_launch(tmp_path):
+    """prefvec run's validation reads the data once: a baseline that needs per-response safety
+    labels on unlabelled pairs is one error naming the preference and the baseline."""
+    import json
+
+    from prefvec_ds.pipeline.prepare import validate_data
+
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n"
+                            for i in range(4)))
+    ok = cfg_with(tmp_path, f"data.preferences.helpful={{source: jsonl, path: {rows}}}",
+                  "pipeline.baselines=[dpo_joint,dpo_soup]")
+    validate_data(ok)  # no baseline reads labels: fine
+    bad = cfg_with(tmp_path, f"data.preferences.helpful={{source: jsonl, path: {rows}}}",
+                   "pipeline.baselines=[dpo_joint,dpo_safe_first]")
+    with pytest.raises(PrefvecError, match=r"data.preferences.helpful: pipeline.baselines "
+                                           r"dpo_safe_first needs .* 4 of 4 pairs"):
+        validate_data(bad)
