@@ -180,10 +180,21 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
             + tuple(f"merge/{m.name}" for m in p.merges) + tuple(s.name for s in baselines))
     stages.append(Stage(
         "eval", "eval", "", deps, ("eval",), "eval/summary.json",
-        _slice(eval=dataclasses.asdict(p.eval), base=cfg.model.base, data=data,
+        _slice(eval=_eval_slice(p.eval), base=cfg.model.base, data=data,
                preferences={k: _preference_slice(cfg, v)
                             for k, v in cfg.data.preferences.items()})))
     return stages
+
+
+def _eval_slice(ecfg) -> dict:
+    """pipeline.eval as the eval stage depends on it: the tuner's section is not (prefvec
+    tune-eta reads it), and the interference knobs enter only when switched on, so runs made
+    before they existed stay up to date."""
+    out = dataclasses.asdict(ecfg)
+    del out["tune"]
+    if not ecfg.interference_methods:
+        del out["interference_methods"], out["interference_density"]
+    return out
 
 
 def _method_slice(merge) -> dict:
