@@ -108,17 +108,47 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     if diagnostics and all(Path(str(v)).is_dir() for v in vectors.values()):
         diag = vector_diagnostics({p: str(v) for p, v in vectors.items()}, seed_vectors(cfg),
                                   ecfg.sti_rank, ecfg.sti_matrices)
-    report = write_report(sweep, diag, out, title=Path(cfg.run_dir).name)
+    inter = None
+    if ecfg.interference_methods and len(vectors) >= 2 and all(
+            Path(str(v)).is_dir() for v in vectors.values()):
+        inter = interference(cfg, spec, base, vectors, out)
+    report = write_report(sweep, diag, out, title=Path(cfg.run_dir).name, interference=inter)
     models_out = {"base": _flat(sweep["base"]),
                   **{name: _flat(row) for name, row in sweep["models"].items()}}
     summary = {"scorer": [s.name for s in spec.scorers], "prompts": len(spec.prompts),
                "models": models_out, "eta": sweep["merge_etas"],
                "points": len(spec.points), "trends": trends(sweep), "drift": sweep["drift"],
-               "diagnostics": diag, "sweep": str(out / "sweep.json"), "report": str(report),
+               "diagnostics": diag, **({"interference": inter} if inter else {}),
+               "sweep": str(out / "sweep.json"), "report": str(report),
                "seconds": round(time.time() - t0, 1)}
     write_json_atomic(out / "summary.json", summary)
     print(f"[sweep] report: {report} ({summary['seconds']} s)", flush=True)
     return summary
+
+
+def composition_etas(cfg: RunConfig) -> dict[str, float]:
+    """The etas the merge methods are compared at: the `default` merge's (else the first
+    merge's, else 1 for every preference)."""
+    etas = merge_etas(cfg)
+    return etas.get("default") or next(iter(etas.values()), None) or {
+        p: 1.0 for p in cfg.data.preferences}
+
+
+def interference(cfg: RunConfig, spec, base: Path, vectors: dict[str, Path], out: Path) -> dict:
+    """Cosines, STI and composition scores per merge method (prefvec_ds.eval.interference)."""
+    from prefvec_ds.eval.interference import method_interference, score_compositions  # noqa: PLC0415
+
+    ecfg = cfg.pipeline.eval
+    weights = composition_etas(cfg)
+    result = method_interference({p: str(v) for p, v in vectors.items()}, weights,
+                                 ecfg.interference_methods, ecfg.interference_density,
+                                 ecfg.sti_rank, ecfg.sti_matrices)
+    dtype = None if cfg.pipeline.merge_dtype == "base" else cfg.pipeline.merge_dtype
+    scores = score_compositions(spec, base, vectors, weights, list(result),
+                                ecfg.interference_density, out / "interference", dtype)
+    for method, row in scores.items():
+        result[method].update(row)
+    return {"etas": weights, "methods": result}
 
 
 def _flat(row: dict) -> dict:
