@@ -6,7 +6,7 @@ pipeline.eval.interference_density) the report shows
 - the pairwise cosines and the STI of the vectors *as that method uses them*
   (ckpt.methods.kept_deltas: each phi_i trimmed to its top-density magnitudes or dropped at
   random and rescaled, then zeroed where eta_i * phi_i lost the sign election), at the default
-  merge's etas, and the share of elements each method keeps;
+  merge's etas, and the share of each vector's nonzero elements the method keeps;
 - the scores of the composition: the merge by that method at the same etas, written by the
   checkpoint merge and scored like the merged models.
 Streaming: one tensor at a time is read for every vector (memory: the vectors' copies of the
@@ -78,12 +78,12 @@ def method_interference(vectors: dict[str, str], weights: dict[str, float], meth
     gram = {m: np.zeros((n, n)) for m in methods}
     nonzero = {m: np.zeros(n) for m in methods}
     first, vecs, maps = _open([str(vectors[p]) for p in prefs])
-    total, norms = 0, {}
+    total, norms = np.zeros(n), {}
     try:
         for name in first.names():
             shape = tuple(first.shape(name))
             deltas = [_read(v, mp[name], shape) for v, mp in zip(vecs, maps)]
-            total += math.prod(shape)
+            total += [np.count_nonzero(d) for d in deltas]
             for m in methods:
                 ks = [k.reshape(-1).astype(np.float64) for k in
                       kept(m, params[m], name, deltas, w)]
@@ -107,7 +107,7 @@ def method_interference(vectors: dict[str, str], weights: dict[str, float], meth
     return {m: _summary(gram[m], nonzero[m], total, sti[m], prefs, params[m]) for m in methods}
 
 
-def _summary(gram, nonzero, total: int, sti: list, prefs: list[str], p: MethodParams) -> dict:
+def _summary(gram, nonzero, total, sti: list, prefs: list[str], p: MethodParams) -> dict:
     diag = np.sqrt(np.maximum(np.diag(gram), 0))
     cos = {a: {b: (float(gram[i, j] / (diag[i] * diag[j])) if diag[i] * diag[j] > 0
                    else float("nan")) for j, b in enumerate(prefs)}
@@ -115,7 +115,7 @@ def _summary(gram, nonzero, total: int, sti: list, prefs: list[str], p: MethodPa
     k = len(sti)
     return {"density": p.density, "cosine": cos,
             "norms": {a: float(diag[i]) for i, a in enumerate(prefs)},
-            "kept": {a: float(nonzero[i] / total) for i, a in enumerate(prefs)},
+            "kept": {a: float(nonzero[i] / max(total[i], 1)) for i, a in enumerate(prefs)},
             "sti": sum(s for s, _ in sti) / k if k else float("nan"),
             "sti_chance": sum(c for _, c in sti) / k if k else float("nan"), "matrices": k}
 

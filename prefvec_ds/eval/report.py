@@ -153,9 +153,9 @@ def _interference_section(inter: dict | None) -> list[str]:
     return ["## Interference by merge method", "",
             f"The vectors as each method uses them (trimmed or dropped, sign-elected) at the "
             f"merge etas {label(inter['etas'])}: pairwise cosines, STI (same matrices for every "
-            "method), the share of elements kept, and the scores of the merge by that method "
-            "(written and scored like the merged models). Lower cosine/STI with scores held is "
-            "trimming reducing the alignment tax.", "", *_md_table(header, rows), ""]
+            "method), the share of each vector's nonzero elements kept, and the scores of the "
+            "merge by that method (written and scored like the merged models). Lower "
+            "cosine/STI with scores held is trimming reducing the alignment tax.", "", *_md_table(header, rows), ""]
 
 
 def write_report(summary: dict, diag: dict | None, out_dir: Path, title: str = "",

@@ -136,7 +136,8 @@ def composition_etas(cfg: RunConfig) -> dict[str, float]:
 
 def interference(cfg: RunConfig, spec, base: Path, vectors: dict[str, Path], out: Path) -> dict:
     """Cosines, STI and composition scores per merge method (prefvec_ds.eval.interference)."""
-    from prefvec_ds.eval.interference import method_interference, score_compositions  # noqa: PLC0415
+    from prefvec_ds.eval.interference import (method_interference,  # noqa: PLC0415
+                                              score_compositions)
 
     ecfg = cfg.pipeline.eval
     weights = composition_etas(cfg)

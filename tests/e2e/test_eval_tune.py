@@ -45,3 +45,24 @@ def test_tune_eta_meets_its_constraints_with_fewer_evaluations(local_run, tmp_pa
     report = (run / "eval" / "tune" / "tune.md").read_text()
     assert "Chosen:" in report and "Pareto front" in report and "25 points" in report
     assert "chosen: " in proc.stdout
+
+
+def test_interference_by_merge_method(local_run, tmp_path):
+    """pipeline.eval.interference_methods=[ties]: the report compares the methods, and the
+    task_arithmetic composition (the same merge as merged/default) scores like merged/default."""
+    run = tmp_path / "interference"
+    shutil.copytree(local_run, run, symlinks=True)
+    prefvec("sweep", str(run), f"run_dir={run}", "pipeline.eval.etas=[0, 1]",
+            "pipeline.eval.prompts=4", "pipeline.eval.interference_methods=[ties]")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    methods = summary["interference"]["methods"]
+    assert list(methods) == ["task_arithmetic", "ties"]
+    assert summary["interference"]["etas"] == {"helpful": 1.0, "harmless": 1.0}
+    plain, ties = methods["task_arithmetic"], methods["ties"]
+    assert plain["kept"] == {"helpful": 1.0, "harmless": 1.0}
+    assert all(0 < k < 0.5 + 1e-9 for k in ties["kept"].values())  # density 0.5, then election
+    assert -1 <= ties["cosine"]["helpful"]["harmless"] <= 1 and ties["sti"] >= 0
+    default = summary["models"]["default"]
+    assert all(plain["scores"][k] == default[k] for k in plain["scores"]), (plain, default)
+    assert "## Interference by merge method" in (run / "eval" / "report.md").read_text()
+    assert not (run / "eval" / "interference").exists()  # compositions removed once scored
