@@ -109,6 +109,9 @@ class TuneConfig:
     """Seed of the bootstrap resampling."""
     merge_to: str = "auto"
     """The chosen point is written as <run_dir>/merged/<merge_to> ('' = do not write)."""
+    enabled: bool = False
+    """Add the pipeline stage `tune` after `eval` (`prefvec tune-eta` on the run); when no
+    point meets the constraints the stage still finishes, its report says so."""
 
     def __post_init__(self):
         where = "pipeline.eval.tune"
@@ -123,6 +126,7 @@ class TuneConfig:
         check(all(isinstance(k, str) and isinstance(v, str) and v.lstrip("-")
                   for k, v in self.proxies.items()), f"{where}.proxies",
               "a mapping score -> preference name (or -name)", self.proxies)
+        check(isinstance(self.enabled, bool), f"{where}.enabled", "true or false", self.enabled)
         check(isinstance(self.candidates, int) and self.candidates >= 1,
               f"{where}.candidates", "an integer >= 1", self.candidates)
         check(isinstance(self.bootstrap, int) and self.bootstrap >= 0, f"{where}.bootstrap",

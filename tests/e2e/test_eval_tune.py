@@ -1,16 +1,18 @@
 """`prefvec tune-eta` on a copy of the shrunken quickstart run (the e2e session run): it finds a
 point meeting its constraints with fewer generation passes than the grid of the same
-resolution, writes tune.json / tune.md, and the chosen point becomes merged/auto."""
+resolution, writes tune.json / tune.md, and the chosen point becomes merged/auto; the
+optional `tune` pipeline stage; the report's interference section."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline_fixtures import local_run, prefvec  # noqa: E402,F401
+from pipeline_fixtures import local_run, prefvec, read_manifests, run_args  # noqa: E402,F401
 
 # harmless = harmful prompts refused must rise by 0.1 over theta_base while over-refusal of
 # benign prompts rises by at most 0.15; helpful is maximised. A 5 x 5 search grid (step 0.5)
@@ -66,3 +68,17 @@ def test_interference_by_merge_method(local_run, tmp_path):
     assert all(plain["scores"][k] == default[k] for k in plain["scores"]), (plain, default)
     assert "## Interference by merge method" in (run / "eval" / "report.md").read_text()
     assert not (run / "eval" / "interference").exists()  # compositions removed once scored
+
+
+def test_the_tune_stage_runs_after_eval_and_alone(local_run, tmp_path):
+    """pipeline.eval.tune.enabled adds the `tune` stage; the finished run's eval stays up to
+    date (its fingerprint leaves pipeline.eval.tune out), so only `tune` runs."""
+    run = tmp_path / "staged"
+    shutil.copytree(local_run, run, symlinks=True)
+    shutil.rmtree(run / "merged" / "auto", ignore_errors=True)
+    proc = prefvec("run", *run_args(run, "pipeline.eval.tune.enabled=true", *TUNE))
+    started = set(re.findall(r"^\[prefvec\] start (\S+)", proc.stdout, re.M))
+    assert started == {"tune"}, proc.stdout
+    assert json.loads((run / "eval" / "tune" / "tune.json").read_text())["chosen"]["met"]
+    assert (run / "merged" / "auto" / "config.json").is_file()
+    assert read_manifests(run)["tune"]["status"] == "done"
