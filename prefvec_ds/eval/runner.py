@@ -65,7 +65,7 @@ def cap_cpu_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_vectors(vectors: dict[str, Path]) -> None:
+def check_vectors(vectors: dict[str, Path]) -> None:
     for pref, path in vectors.items():
         if not Path(str(path).split(",")[0]).exists():
             raise PrefvecError(f"eval: vector of preference {pref} not found at {path} (run the "
@@ -89,7 +89,7 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     cap_cpu_threads(ecfg.cpu_threads)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
     vectors = vectors or run_vectors(cfg)
-    _check_vectors(vectors)
+    check_vectors(vectors)
     check_names(ecfg, list(cfg.data.preferences), cfg.seed)
     base = check_model_dir(Path(base) if base else base_model_dir(cfg), "theta_base")
     tok = load_tokenizer(base)
@@ -170,7 +170,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
 
     ecfg = cfg.pipeline.eval
     cap_cpu_threads(ecfg.cpu_threads)
-    _check_vectors({str(v): v for v in etas or {}})  # before the model is loaded
+    check_vectors({str(v): v for v in etas or {}})  # before the model is loaded
     model, tok = load_policy(model_dir, "fp32")
     if etas:
         apply_vectors(model, etas)

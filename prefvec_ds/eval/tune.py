@@ -115,7 +115,8 @@ class Evaluator:
 
 def tune_eta(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     """Search, confirm, choose, merge; returns the result (also written as tune.json)."""
-    from prefvec_ds.eval.runner import _check_vectors, cap_cpu_threads, run_vectors  # noqa: PLC0415
+    from prefvec_ds.eval.runner import cap_cpu_threads, check_vectors, run_vectors  # noqa: PLC0415
+    from prefvec_ds.eval.scorers import build_scorer  # noqa: PLC0415
     from prefvec_ds.eval.tune_report import write_tune_report  # noqa: PLC0415
     from prefvec_ds.models.hf import check_model_dir  # noqa: PLC0415
     from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
@@ -124,8 +125,10 @@ def tune_eta(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     tcfg, prefs = cfg.pipeline.eval.tune, list(cfg.data.preferences)
     out = Path(out_dir) if out_dir else RunLayout.of(cfg).eval / "tune"
     vectors = run_vectors(cfg)
-    _check_vectors(vectors)
+    check_vectors(vectors)
     grid = search_grid(cfg)  # config errors before the model loads
+    tuning.check_names(tcfg, prefs, [a for s in cfg.pipeline.eval.scorers
+                                     for a in build_scorer(s).axes])
     cap_cpu_threads(cfg.pipeline.eval.cpu_threads)
     base = check_model_dir(base_model_dir(cfg), "theta_base")
     ev = Evaluator(cfg, base, vectors)

@@ -53,6 +53,18 @@ def proxy_of(score: str, tcfg: TuneConfig, preferences: list[str]) -> tuple[str,
     return pref, sign
 
 
+def check_names(tcfg: TuneConfig, preferences: list[str], axes: list[str]) -> None:
+    """Objective and constraint scores are axes of the scorers; proxies name preferences
+    (checked before any model is loaded)."""
+    for param, score in [("objective", tcfg.objective)] + [
+            ("constraints", c.score) for c in tcfg.constraints]:
+        if score not in axes:
+            raise PrefvecError(f"config parameter pipeline.eval.tune.{param}: score {score!r} "
+                               f"is not scored; expected one of {', '.join(axes)} (the axes of "
+                               "pipeline.eval.scorers)")
+        proxy_of(score, tcfg, preferences)
+
+
 def bound(c: TuneConstraint, base_scores: dict) -> float:
     """The bound the constraint's score is compared with."""
     if c.relative_to == "absolute":

@@ -137,3 +137,12 @@ def test_config_ranges_and_checks():
             EvalConfig(tune=bad)
     with pytest.raises(PrefvecError, match="interference_methods"):
         EvalConfig(interference_methods=["task_arithmetic"])
+
+
+def test_names_are_checked_before_a_model_loads():
+    tuning.check_names(cfg(), PREFS, ["helpful", "harmless", "over_refusal"])
+    with pytest.raises(PrefvecError, match=r"tune.objective: score 'cost' is not scored"):
+        tuning.check_names(cfg(objective="cost"), PREFS, ["helpful", "harmless",
+                                                          "over_refusal"])
+    with pytest.raises(PrefvecError, match=r"tune.constraints: score 'over_refusal'"):
+        tuning.check_names(cfg(), PREFS, ["helpful", "harmless"])
