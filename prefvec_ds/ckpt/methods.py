@@ -216,6 +216,22 @@ def _sparsified(method: MergeMethod, d: np.ndarray, i: int, p: MethodParams,
     return d
 
 
+def kept_deltas(name: str, deltas: list[np.ndarray], weights: list[float], p: MethodParams,
+                ctx: ChunkContext) -> list[np.ndarray]:
+    """Each d_i as the method uses it: sparsified (trimmed, or dropped and rescaled), and where
+    signs are elected, zero where eta_i * d_i lost the election; sum_i w_i * kept_i is the
+    mix mix_chunk adds before normalising and lambda. The eval report's interference
+    diagnostics (cosines, STI of the vectors each method effectively merges) read it."""
+    method = MERGE_METHODS[name]
+    sparse = [_sparsified(method, d, i, p, ctx) for i, d in enumerate(deltas)]
+    if not method.elect_sign:
+        return sparse
+    weighted = [np.float32(w) * x for x, w in zip(sparse, weights)]
+    total = np.sum(weighted, axis=0, dtype=np.float32)
+    majority = np.where(total >= 0, np.float32(1), np.float32(-1))
+    return [np.where(np.sign(x) == majority, d, np.float32(0)) for x, d in zip(weighted, sparse)]
+
+
 def mix_chunk(name: str, out: np.ndarray, deltas: list[np.ndarray], weights: list[float],
               p: MethodParams, ctx: ChunkContext) -> None:
     """out += lambda * mix(weights, deltas) for one chunk, in place (out holds the base)."""

@@ -34,7 +34,7 @@ RewriterKind = Literal["structured", "hf"]
 """pipeline.mora.rewriter.kind: structured (the embedded world) or hf (a prompted causal LM)."""
 
 StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "baseline_dpo",
-                    "baseline_merge", "eval"]
+                    "baseline_merge", "eval", "tune"]
 """Kinds of pipeline stages, in DAG order (`pipeline.slurm.time` has one limit per kind)."""
 
 BaselineKind = Literal["dpo_joint", "dpo_safe_first", "bfpo", "dpo_soup", "positive_only"]

@@ -14,8 +14,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from prefvec_ds.ckpt.methods import MERGE_METHODS
 from prefvec_ds.config.checks import check, check_choice
 from prefvec_ds.config.choices import ScorerKind
+from prefvec_ds.config.tune import TuneConfig
 
 GRIDS = ("auto", "product", "pairs", "axes")
 BACKENDS = ("auto", "transformers", "vllm")
@@ -149,6 +151,16 @@ class EvalConfig:
     """Subspace Task Interference: rank k of each vector's per-matrix SVD (paper: 8)."""
     sti_matrices: int = 32
     """Subspace Task Interference: the number of largest-norm weight matrices (paper: 32)."""
+    interference_methods: list[str] = field(default_factory=list)
+    """Merge methods (ties, dare, dare_ties) whose effect on interference the report shows next
+    to task_arithmetic: the cosines and STI of the vectors as each method keeps them (trimmed or
+    dropped, sign-elected), and the scores of a merge per method at the default merge's etas
+    (docs/evaluation.md). Empty: off. Needs 2+ preferences."""
+    interference_density: float = 0.5
+    """Density (share of each vector's elements kept) of those merges (mergekit's usual 0.5)."""
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    """`prefvec tune-eta`: the objective, constraints and search space of the eta tuner; not
+    part of the eval stage (its fingerprint leaves it out)."""
 
     def __post_init__(self):
         check(isinstance(self.etas, list) and len(self.etas) > 0 and all(
@@ -185,3 +197,12 @@ class EvalConfig:
               "a list of preference names", self.diagnostic_preferences)
         check(self.sti_rank >= 1, "pipeline.eval.sti_rank", ">= 1", self.sti_rank)
         check(self.sti_matrices >= 1, "pipeline.eval.sti_matrices", ">= 1", self.sti_matrices)
+        check(isinstance(self.interference_methods, list) and all(
+            m in MERGE_METHODS and m != "task_arithmetic" for m in self.interference_methods),
+            "pipeline.eval.interference_methods", "a list of ties | dare | dare_ties "
+            "(task_arithmetic is always shown)", self.interference_methods)
+        check(isinstance(self.interference_density, (int, float))
+              and 0 < self.interference_density <= 1, "pipeline.eval.interference_density",
+              "a fraction in (0, 1]", self.interference_density)
+        if isinstance(self.tune, dict):
+            self.tune = TuneConfig(**self.tune)

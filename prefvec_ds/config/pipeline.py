@@ -26,7 +26,7 @@ STAGE_KINDS = names(StageKind)
 DEFAULT_TIMES: dict[StageKind, str] = {
     "sft": "04:00:00", "mora": "04:00:00", "ref_logps": "01:00:00", "dpo": "06:00:00",
     "baseline_dpo": "06:00:00", "vectors": "01:00:00", "merge": "01:00:00",
-    "baseline_merge": "01:00:00", "eval": "02:00:00"}
+    "baseline_merge": "01:00:00", "eval": "02:00:00", "tune": "02:00:00"}
 BASELINE_KINDS = names(BaselineKind)
 #: The roles the baselines read: which preference is helpfulness, which harmlessness.
 BASELINE_ROLES = ("helpful", "harmless")

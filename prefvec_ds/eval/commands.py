@@ -42,6 +42,16 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=run_eval_command)
 
+    p = sub.add_parser(
+        "tune-eta", help="choose eta under constraints (margins first, answers to confirm)",
+        description="Maximise pipeline.eval.tune.objective subject to its constraints: search "
+        "the eta grid of pipeline.eval.tune.space by held-out log-prob margins (no generation), "
+        "confirm the best `candidates` points with generated answers and the scorers, write "
+        "<run_dir>/eval/tune/{tune.json,tune.md} and the chosen point as merged/auto.")
+    _config_args(p)
+    p.add_argument("--out", help="output folder (default: <run_dir>/eval/tune)")
+    p.set_defaults(func=run_tune_command)
+
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config YAML, or a pipeline run folder (its "
@@ -118,3 +128,19 @@ def run_eval_command(args: argparse.Namespace) -> int:
         write_text_atomic(Path(args.json), text + "\n")
     print(text)
     return 0
+
+
+def run_tune_command(args: argparse.Namespace) -> int:
+    from prefvec_ds.eval.tune import tune_eta  # noqa: PLC0415
+    from prefvec_ds.eval.grid import label  # noqa: PLC0415
+
+    # a run folder is tuned where it is (a copied run keeps its snapshot's old run_dir)
+    here = [f"run_dir={Path(args.config).resolve()}"] if Path(args.config).is_dir() else []
+    cfg = load_run_config(args.config, here + args.overrides)
+    result = tune_eta(cfg, Path(args.out) if args.out else None)
+    chosen, n = result["chosen"], result["counts"]
+    verdict = "chosen" if chosen["met"] else "NO point met the constraints; closest"
+    print(f"{verdict}: {label(chosen['eta'])}; {n['margin_passes']} margin passes, "
+          f"{n['generation_passes']} generation passes (full grid: "
+          f"{n['grid']['generation_passes']}); report: {result['report']}")
+    return 0 if chosen["met"] else 1

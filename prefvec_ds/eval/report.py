@@ -135,7 +135,31 @@ def _diag_section(diag: dict | None) -> list[str]:
     return lines + [""]
 
 
-def write_report(summary: dict, diag: dict | None, out_dir: Path, title: str = "") -> Path:
+def _interference_section(inter: dict | None) -> list[str]:
+    """Per merge method: the vectors' cosines and STI as the method uses them, kept share,
+    and the composition's scores."""
+    if not inter:
+        return []
+    methods = inter["methods"]
+    first = next(iter(methods.values()))
+    prefs = list(first["cosine"])
+    pairs = [(a, b) for i, a in enumerate(prefs) for b in prefs[i + 1:]]
+    cols = [c for c in first.get("scores", {}) if not c.startswith("n_")]
+    header = ["method", "density", *[f"cos({a},{b})" for a, b in pairs], "STI",
+              *[f"kept {p}" for p in prefs], *cols]
+    rows = [[m, r["density"], *[r["cosine"][a][b] for a, b in pairs], r["sti"],
+             *[r["kept"][p] for p in prefs], *[r.get("scores", {}).get(c) for c in cols]]
+            for m, r in methods.items()]
+    return ["## Interference by merge method", "",
+            f"The vectors as each method uses them (trimmed or dropped, sign-elected) at the "
+            f"merge etas {label(inter['etas'])}: pairwise cosines, STI (same matrices for every "
+            "method), the share of each vector's nonzero elements kept, and the scores of the "
+            "merge by that method (written and scored like the merged models). Lower "
+            "cosine/STI with scores held is trimming reducing the alignment tax.", "", *_md_table(header, rows), ""]
+
+
+def write_report(summary: dict, diag: dict | None, out_dir: Path, title: str = "",
+                 interference: dict | None = None) -> Path:
     """report.md (and its PNGs) in out_dir; returns the report's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tr = trends(summary)
@@ -152,7 +176,7 @@ def write_report(summary: dict, diag: dict | None, out_dir: Path, title: str = "
              + f". Sweep time {summary['seconds']} s.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in pngs] + ([note, ""] if note else [""])
     lines += _trend_section(summary, tr) + _zero_section(summary) + _models_section(summary)
-    lines += _diag_section(diag) + _table_section(summary)
+    lines += _diag_section(diag) + _interference_section(interference) + _table_section(summary)
     path = out_dir / "report.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path

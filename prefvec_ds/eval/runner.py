@@ -65,7 +65,7 @@ def cap_cpu_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _check_vectors(vectors: dict[str, Path]) -> None:
+def check_vectors(vectors: dict[str, Path]) -> None:
     for pref, path in vectors.items():
         if not Path(str(path).split(",")[0]).exists():
             raise PrefvecError(f"eval: vector of preference {pref} not found at {path} (run the "
@@ -89,7 +89,7 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     cap_cpu_threads(ecfg.cpu_threads)
     out = Path(out_dir) if out_dir else Path(cfg.run_dir) / "eval"
     vectors = vectors or run_vectors(cfg)
-    _check_vectors(vectors)
+    check_vectors(vectors)
     check_names(ecfg, list(cfg.data.preferences), cfg.seed)
     base = check_model_dir(Path(base) if base else base_model_dir(cfg), "theta_base")
     tok = load_tokenizer(base)
@@ -108,17 +108,48 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     if diagnostics and all(Path(str(v)).is_dir() for v in vectors.values()):
         diag = vector_diagnostics({p: str(v) for p, v in vectors.items()}, seed_vectors(cfg),
                                   ecfg.sti_rank, ecfg.sti_matrices)
-    report = write_report(sweep, diag, out, title=Path(cfg.run_dir).name)
+    inter = None
+    if ecfg.interference_methods and len(vectors) >= 2 and all(
+            Path(str(v)).is_dir() for v in vectors.values()):
+        inter = interference(cfg, spec, base, vectors, out)
+    report = write_report(sweep, diag, out, title=Path(cfg.run_dir).name, interference=inter)
     models_out = {"base": _flat(sweep["base"]),
                   **{name: _flat(row) for name, row in sweep["models"].items()}}
     summary = {"scorer": [s.name for s in spec.scorers], "prompts": len(spec.prompts),
                "models": models_out, "eta": sweep["merge_etas"],
                "points": len(spec.points), "trends": trends(sweep), "drift": sweep["drift"],
-               "diagnostics": diag, "sweep": str(out / "sweep.json"), "report": str(report),
+               "diagnostics": diag, **({"interference": inter} if inter else {}),
+               "sweep": str(out / "sweep.json"), "report": str(report),
                "seconds": round(time.time() - t0, 1)}
     write_json_atomic(out / "summary.json", summary)
     print(f"[sweep] report: {report} ({summary['seconds']} s)", flush=True)
     return summary
+
+
+def composition_etas(cfg: RunConfig) -> dict[str, float]:
+    """The etas the merge methods are compared at: the `default` merge's (else the first
+    merge's, else 1 for every preference)."""
+    etas = merge_etas(cfg)
+    return etas.get("default") or next(iter(etas.values()), None) or {
+        p: 1.0 for p in cfg.data.preferences}
+
+
+def interference(cfg: RunConfig, spec, base: Path, vectors: dict[str, Path], out: Path) -> dict:
+    """Cosines, STI and composition scores per merge method (prefvec_ds.eval.interference)."""
+    from prefvec_ds.eval.interference import (method_interference,  # noqa: PLC0415
+                                              score_compositions)
+
+    ecfg = cfg.pipeline.eval
+    weights = composition_etas(cfg)
+    result = method_interference({p: str(v) for p, v in vectors.items()}, weights,
+                                 ecfg.interference_methods, ecfg.interference_density,
+                                 ecfg.sti_rank, ecfg.sti_matrices)
+    dtype = None if cfg.pipeline.merge_dtype == "base" else cfg.pipeline.merge_dtype
+    scores = score_compositions(spec, base, vectors, weights, list(result),
+                                ecfg.interference_density, out / "interference", dtype)
+    for method, row in scores.items():
+        result[method].update(row)
+    return {"etas": weights, "methods": result}
 
 
 def _flat(row: dict) -> dict:
@@ -139,7 +170,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
 
     ecfg = cfg.pipeline.eval
     cap_cpu_threads(ecfg.cpu_threads)
-    _check_vectors({str(v): v for v in etas or {}})  # before the model is loaded
+    check_vectors({str(v): v for v in etas or {}})  # before the model is loaded
     model, tok = load_policy(model_dir, "fp32")
     if etas:
         apply_vectors(model, etas)

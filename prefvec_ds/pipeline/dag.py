@@ -180,10 +180,38 @@ def build_dag(cfg: RunConfig) -> list[Stage]:
             + tuple(f"merge/{m.name}" for m in p.merges) + tuple(s.name for s in baselines))
     stages.append(Stage(
         "eval", "eval", "", deps, ("eval",), "eval/summary.json",
-        _slice(eval=dataclasses.asdict(p.eval), base=cfg.model.base, data=data,
+        _slice(eval=_eval_slice(p.eval), base=cfg.model.base, data=data,
                preferences={k: _preference_slice(cfg, v)
                             for k, v in cfg.data.preferences.items()})))
+    if p.eval.tune.enabled:
+        stages.append(_tune_stage(cfg, data))
     return stages
+
+
+def _tune_stage(cfg: RunConfig, data: dict) -> Stage:
+    """`prefvec tune-eta` on the run, after eval: eval's outputs hold eval/tune, so a redone
+    eval (which removes them) redoes the tuner too."""
+    tune = cfg.pipeline.eval.tune
+    if tune.merge_to in {m.name for m in cfg.pipeline.merges}:
+        raise PrefvecError(f"config parameter pipeline.eval.tune.merge_to: {tune.merge_to!r} "
+                           "is also a pipeline.merges name; expected another folder name")
+    outputs = ("eval/tune",) + ((f"merged/{tune.merge_to}",) if tune.merge_to else ())
+    return Stage("tune", "tune", "", ("eval",), outputs, "eval/tune/tune.json",
+                 _slice(eval=dataclasses.asdict(cfg.pipeline.eval), base=cfg.model.base,
+                        data=data, merge_dtype=cfg.pipeline.merge_dtype,
+                        preferences={k: _preference_slice(cfg, v)
+                                     for k, v in cfg.data.preferences.items()}))
+
+
+def _eval_slice(ecfg) -> dict:
+    """pipeline.eval as the eval stage depends on it: the tuner's section is not (prefvec
+    tune-eta reads it), and the interference knobs enter only when switched on, so runs made
+    before they existed stay up to date."""
+    out = dataclasses.asdict(ecfg)
+    del out["tune"]
+    if not ecfg.interference_methods:
+        del out["interference_methods"], out["interference_density"]
+    return out
 
 
 def _method_slice(merge) -> dict:

@@ -123,6 +123,10 @@ def _run_in_process(cfg: RunConfig, stage: Stage) -> int:
         from prefvec_ds.pipeline.evaluate import run_eval  # noqa: PLC0415
 
         run_eval(cfg, build_dag(cfg))
+    elif stage.kind == "tune":
+        from prefvec_ds.eval.tune import tune_eta  # noqa: PLC0415
+
+        tune_eta(cfg)
     else:
         from prefvec_ds.pipeline.arithmetic import run_arithmetic  # noqa: PLC0415
 

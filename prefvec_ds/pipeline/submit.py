@@ -49,7 +49,7 @@ def group_spec(cfg: RunConfig, kind: str, members: list[Stage], indices: list[in
     s = cfg.pipeline.slurm
     distributed = members[0].distributed
     extra = []
-    gpus = s.gpus_per_node if distributed else min(s.gpus_per_node, 1 if kind == "eval" else 0)
+    gpus = s.gpus_per_node if distributed else min(s.gpus_per_node, 1 if kind in ("eval", "tune") else 0)
     if gpus:
         # per node, not per task: every rank sees the node's GPUs and picks one by LOCAL_RANK
         extra.append(f"--gpus-per-node={gpus}")

@@ -45,7 +45,8 @@ def test_literal_names_the_implementation_table(choice, table):
 def test_every_stage_kind_is_built_by_the_dag(tmp_path):
     cfg = load_config(REPO / "recipes" / "quickstart.yaml",
                       [f"run_dir={tmp_path}", "pipeline.mora.enabled=true",
-                       "pipeline.baselines=[dpo_joint,dpo_soup]"])
+                       "pipeline.baselines=[dpo_joint,dpo_soup]",
+                       "pipeline.eval.tune.enabled=true"])
     built = [s.kind for s in build_dag(cfg)]
     assert set(built) == set(STAGE_KINDS)
     assert sorted(set(built), key=built.index) == list(STAGE_KINDS)  # STAGE_KINDS is DAG order
