@@ -29,8 +29,8 @@ from pathlib import Path
 from prefvec_ds import PrefvecError
 from prefvec_ds.ckpt.paths import contained
 from prefvec_ds.ckpt.safe_load import StoredTensor, load_pickle_file
-from prefvec_ds.ckpt.segments import Segment, SegmentSource
-from prefvec_ds.ckpt.zero3 import rank_files, resolve_tag_dir
+from prefvec_ds.ckpt.segments import Segment
+from prefvec_ds.ckpt.zero3 import DeepSpeedSource, rank_files, resolve_tag_dir
 
 _MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 _FP32_KEY = "single_partition_of_fp32_groups"
@@ -122,7 +122,7 @@ def _align(n: int, to: int) -> int:
     return to * -(-n // to)
 
 
-class Zero12Checkpoint(SegmentSource):
+class Zero12Checkpoint(DeepSpeedSource):
     """One ZeRO-1/2 checkpoint: layout and the byte offsets of every rank's fp32 partitions."""
 
     kind = "zero12"
@@ -217,21 +217,6 @@ class Zero12Checkpoint(SegmentSource):
                 if isinstance(v, StoredTensor)}
 
     # -- the tensor-source interface shared with Zero3Checkpoint and SafetensorsFolder -------
-    def names(self) -> list[str]:
-        """Trainable params in flat (file) order, then frozen params; aliases excluded."""
-        return list(self._order)
-
-    @property
-    def aliases(self) -> dict[str, str]:
-        return dict(self.layout.shared)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        name = self.layout.shared.get(name, name)  # a tied alias has its owner's shape
-        slot = self.layout.slots.get(name)
-        if slot is None and name not in self.layout.frozen and name in self.buffers():
-            return tuple(self.buffers()[name].shape)
-        return slot.shape if slot else self.layout.frozen[name]
-
     def segments(self, name: str) -> list[Segment]:
         """The pieces of `name`'s range [offset, offset + numel) in each rank's partition of its
         group (a parameter may straddle two or more rank files); padding is never included."""

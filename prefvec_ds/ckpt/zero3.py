@@ -154,7 +154,28 @@ def _build_layout(path: Path, states: dict, world: int) -> Zero3Layout:
                        list(states.get("buffer_names") or []))
 
 
-class Zero3Checkpoint(SegmentSource):
+class DeepSpeedSource(SegmentSource):
+    """What the ZeRO-3 and ZeRO-1/2 readers share: names in flat order, tied aliases, shapes
+    (of params, frozen params and buffers). Subclasses set `layout` (slots, frozen, shared),
+    `_order` and `buffers()`."""
+
+    def names(self) -> list[str]:
+        """Trainable params in flat (file) order, then frozen params; aliases excluded."""
+        return list(self._order)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self.layout.shared)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        name = self.layout.shared.get(name, name)  # a tied alias has its owner's shape
+        slot = self.layout.slots.get(name)
+        if slot is None and name not in self.layout.frozen and name in self.buffers():
+            return tuple(self.buffers()[name].shape)
+        return slot.shape if slot else self.layout.frozen[name]
+
+
+class Zero3Checkpoint(DeepSpeedSource):
     """One ZeRO-3 checkpoint: layout and the byte offsets of every rank's flat partitions."""
 
     kind = "zero3"
@@ -210,21 +231,6 @@ class Zero3Checkpoint(SegmentSource):
         return self._flat[rank]
 
     # -- the tensor-source interface shared with SafetensorsFolder --------------------------
-    def names(self) -> list[str]:
-        """Trainable params in flat (file) order, then frozen params; aliases excluded."""
-        return list(self._order)
-
-    @property
-    def aliases(self) -> dict[str, str]:
-        return dict(self.layout.shared)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        name = self.layout.shared.get(name, name)  # a tied alias has its owner's shape
-        slot = self.layout.slots.get(name)
-        if slot is None and name not in self.layout.frozen and name in self.buffers():
-            return tuple(self.buffers()[name].shape)
-        return slot.shape if slot else self.layout.frozen[name]
-
     def segments(self, name: str) -> list[Segment]:
         """Where each rank's valid elements of `name` are; padding is never part of a segment."""
         name = self.layout.shared.get(name, name)
