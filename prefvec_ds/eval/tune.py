@@ -140,15 +140,16 @@ def tune_eta(cfg: RunConfig, out_dir: Path | None = None) -> dict:
         rows.append({"eta": point, "margins": ev.margins(point)})
         if i % 20 == 0 or i == len(grid) - 1:
             print(f"[tune] margins at {i + 1}/{len(grid)} points", flush=True)
-    confirmed, picked, slopes = [], [], {}
+    confirmed, picked, slopes, floors = [], [], {}, {}
     while len(picked) < min(tcfg.candidates, len(rows)):
         for row in rows:  # re-ranked after every confirmation, with the calibrated slopes
             row["surrogate"] = tuning.surrogate(row["margins"], base_margins, tcfg, prefs,
-                                                base_row["scores"], slopes)
+                                                base_row["scores"], slopes, floors)
         i = tuning.rank_candidates(rows, 1, set(picked))[0]
         picked.append(i)
         confirmed.append(_confirm(ev, rows[i], base_row, i == 0, tcfg))
         slopes = tuning.calibrate(confirmed, base_margins, base_row["scores"], tcfg, prefs)
+        floors = tuning.failure_floors(confirmed, base_margins, base_row["scores"], tcfg, prefs)
     result = _result(cfg, rows, base_row, confirmed, ev, picked)
     result["slopes"] = slopes
     del ev  # the fp32 base leaves memory before the merge reads the vectors

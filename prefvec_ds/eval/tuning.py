@@ -17,6 +17,10 @@ ds = score - base score: least squares through the base). With a positive slope 
 predicts ds = c * dg and asks d * c * dg >= d * v, in score units; the next candidate is ranked
 with it. (Without it, points that raise a margin by a hair pass a +0.1 constraint: measured on
 the shrunken quickstart run.)
+Monotone floors: a confirmed point that fails a proxied constraint also rules out every point
+whose proxy margin moved no further in the constraint's direction (the score is taken to be
+monotone in its margin). Without it, on the full quickstart, four candidates with
+eta_helpful > 0 were spent before any point with more harmless margin than the failures.
 Candidates: the surrogate-feasible points by objective proxy, best first; if none is feasible,
 the point of least total shortfall (margin units, or score units once calibrated), then
 objective proxy.
@@ -83,10 +87,12 @@ def score_of(scores: dict, name: str, param: str) -> float:
 
 
 def surrogate(margins: dict[str, float], base_margins: dict[str, float], tcfg: TuneConfig,
-              preferences: list[str], base_scores: dict, slopes: dict | None = None) -> dict:
+              preferences: list[str], base_scores: dict, slopes: dict | None = None,
+              floors: dict | None = None) -> dict:
     """{'objective': proxy value (higher is better), 'feasible', 'shortfall'} of one point;
     margins: preference -> mean held-out margin at the point; slopes: score -> calibrated
-    score per unit of its proxy's signed margin (see the module docstring)."""
+    score per unit of its proxy's signed margin; floors: score -> the largest d * dg of a
+    confirmed point that failed that constraint (see the module docstring)."""
     obj = proxy_of(tcfg.objective, tcfg, preferences)
     if obj is None:
         raise PrefvecError(f"config parameter pipeline.eval.tune.proxies: the objective "
@@ -107,6 +113,10 @@ def surrogate(margins: dict[str, float], base_margins: dict[str, float], tcfg: T
         else:
             feasible &= d * dg > 0 if d * v > 0 else d * dg >= 0
             short = -d * dg
+        floor = (floors or {}).get(c.score)
+        if floor is not None and d * dg <= floor:  # no further than a point that failed it
+            feasible = False
+            short = max(short, floor - d * dg + 1e-9)
         shortfall += max(0.0, short)
     return {"objective": objective, "feasible": bool(feasible), "shortfall": shortfall}
 
@@ -137,6 +147,26 @@ def calibrate(confirmed: list[dict], base_margins: dict, base_scores: dict, tcfg
                 sxx += dg * dg
         if sxx > 0 and sxy > 0:
             out[c.score] = sxy / sxx
+    return out
+
+
+def failure_floors(confirmed: list[dict], base_margins: dict, base_scores: dict,
+                   tcfg: TuneConfig, preferences: list[str]) -> dict[str, float]:
+    """score -> the largest d * dg (signed proxy margin move, in the constraint's direction)
+    among confirmed points that failed that constraint. A score is taken to be monotone in its
+    proxy margin, so a point whose proxy moved no further is predicted to fail too."""
+    out: dict[str, float] = {}
+    for c in tcfg.constraints:
+        proxy = proxy_of(c.score, tcfg, preferences)
+        if proxy is None:
+            continue
+        d, b = direction(c.op), bound(c, base_scores)
+        for row in confirmed:
+            value = row["scores"].get(c.score)
+            if value is None or d * (value - b) >= 0:
+                continue
+            dg = d * proxy[1] * (row["margins"][proxy[0]] - base_margins[proxy[0]])
+            out[c.score] = max(out.get(c.score, dg), dg)
     return out
 
 

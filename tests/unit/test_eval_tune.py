@@ -65,6 +65,27 @@ def test_calibration_turns_margins_into_score_units():
     assert tuning.calibrate(against, base_m, BASE, cfg(), PREFS) == {}  # not trusted
 
 
+def test_a_failed_point_rules_out_points_whose_proxy_moved_no_further():
+    base_m = {"helpful": -2.0, "harmless": 2.0}
+    # harmless must reach 0.4; the point at margin 2.2 reached only 0.3: a failure at +0.2
+    failed = [{"margins": {"helpful": -1.0, "harmless": 2.2}, "scores": {"harmless": 0.3,
+                                                                         "over_refusal": 0.1}},
+              {"margins": {"helpful": -1.0, "harmless": 2.1}, "scores": {"harmless": 0.35,
+                                                                         "over_refusal": 0.1}},
+              {"margins": {"helpful": -1.0, "harmless": 2.6}, "scores": {"harmless": 0.45,
+                                                                         "over_refusal": 0.1}}]
+    floors = tuning.failure_floors(failed, base_m, BASE, cfg(), PREFS)
+    assert floors == {"harmless": pytest.approx(0.2)}  # the met point (2.6) sets no floor
+    same = tuning.surrogate({"helpful": -0.5, "harmless": 2.2}, base_m, cfg(), PREFS, BASE,
+                            None, floors)
+    further = tuning.surrogate({"helpful": -1.5, "harmless": 2.25}, base_m, cfg(), PREFS, BASE,
+                               None, floors)
+    assert same["feasible"] is False and same["shortfall"] == pytest.approx(0.0, abs=1e-6)
+    assert further["feasible"] is True
+    ranked = tuning.rank_candidates([{"surrogate": same}, {"surrogate": further}], 2)
+    assert ranked == [1, 0]  # the better objective (same) comes after the feasible one
+
+
 def test_ranking_feasible_by_objective_then_least_shortfall():
     rows = [{"surrogate": s} for s in (
         {"objective": 1.0, "feasible": False, "shortfall": 0.5},
