@@ -42,19 +42,17 @@ def sweep_choice(sweep: dict, columns: list[str]) -> dict:
 
 def _needs(cfg: RunConfig, stages: list[Stage], system: str) -> list[Stage]:
     """The stages whose cost a system carries (theta_base's own SFT is shared by all)."""
-    roles = list(cfg.pipeline.baseline_roles.values())
-    refs = {f"ref_logps/{p}" for p in cfg.data.preferences}
-    pv = refs | {f"dpo/{d}" for d in cfg.directions()} | {f"vectors/{p}"
-                                                         for p in cfg.data.preferences}
-    names = {"pv": pv}.get(system)
-    if system.startswith("merge/"):
-        names = pv | {system}
-    elif system.startswith("baseline/"):
+    if system.startswith("baseline/"):
         name = system.split("/", 1)[1]
-        names = {f"ref_logps/{p}" for p in roles} | {system}
+        names = {f"ref_logps/{p}" for p in cfg.pipeline.baseline_roles.values()} | {system}
         if BASELINES[name].kind == "baseline_merge":
             names |= {f"dpo/{p}+" for p in soup_etas(cfg, name)}
-    return [s for s in stages if s.name in (names or set())]
+    else:  # "pv" (the sweep's choice) or "merge/<name>": the vectors, plus that merge
+        names = ({f"ref_logps/{p}" for p in cfg.data.preferences}
+                 | {f"dpo/{d}" for d in cfg.directions()}
+                 | {f"vectors/{p}" for p in cfg.data.preferences}
+                 | ({system} if system.startswith("merge/") else set()))
+    return [s for s in stages if s.name in names]
 
 
 def cost(run_dir: Path, stages: list[Stage], world: int) -> dict:

@@ -71,13 +71,12 @@ def validate_data(cfg: RunConfig) -> None:
 def safety_label_readers(cfg: RunConfig) -> dict[str, str]:
     """preference -> what will read its per-response safety labels (a safety-aware dpo loss,
     a baseline that needs them)."""
-    from prefvec_ds.train.baselines import BASELINE_LOSS, NEEDS_SAFETY  # noqa: PLC0415
+    from prefvec_ds.train.baselines import BASELINE_LOSS, reads_safety_labels  # noqa: PLC0415
     from prefvec_ds.train.losses import LOSSES  # noqa: PLC0415
 
     readers = {}
     for name in cfg.pipeline.baselines:
-        loss = BASELINE_LOSS.get(name)
-        if name in NEEDS_SAFETY or (loss and LOSSES[loss].needs_safety):
+        if name in BASELINE_LOSS and reads_safety_labels(name, cfg.dpo.loss_type):
             readers.setdefault(cfg.pipeline.baseline_roles["helpful"],
                                f"pipeline.baselines {name}")
     if LOSSES[cfg.dpo.loss_type].needs_safety:

@@ -31,6 +31,17 @@ BASELINE_LOSS = {"dpo_joint": None, "dpo_safe_first": None, "bfpo": "bfpo"}
 NEEDS_SAFETY = {"dpo_safe_first"}
 
 
+def baseline_loss(name: str, dpo_loss: str) -> str:
+    """The loss the baseline trains with: its own, else dpo.loss_type."""
+    return BASELINE_LOSS[name] or dpo_loss
+
+
+def reads_safety_labels(name: str, dpo_loss: str) -> bool:
+    """Whether training baseline `name` reads the helpful pairs' safety labels (its rule or
+    its loss); the driver checks the data with it before any launch, the ranks again."""
+    return name in NEEDS_SAFETY or LOSSES[baseline_loss(name, dpo_loss)].needs_safety
+
+
 def _reference(rows: list[Selected], tables: dict[str, dict]) -> torch.Tensor:
     """[N, 4] reference rows aligned with `rows`: the source set's table, columns swapped for
     a flipped pair (as the - direction of a preference does)."""
@@ -46,7 +57,7 @@ def train_baseline(cfg: RunConfig, name: str) -> dict:
     if name not in BASELINE_DATA:
         raise PrefvecError(f"baseline {name!r}: not a trained baseline (expected one of "
                            f"{', '.join(BASELINE_DATA)})")
-    loss = BASELINE_LOSS[name] or cfg.dpo.loss_type
+    loss = baseline_loss(name, cfg.dpo.loss_type)
     cfg = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, loss_type=loss))
     roles = cfg.pipeline.baseline_roles
     lay = RunLayout.of(cfg)
@@ -58,7 +69,7 @@ def train_baseline(cfg: RunConfig, name: str) -> dict:
     for role, pref in roles.items():
         sets[role] = tokenized_preference(cfg, pref, tokenizer)
         tables[role] = ref_table(cfg, pref, base, tokenizer, sets[role], ds)  # the stage's table
-    if LOSSES[loss].needs_safety or name in NEEDS_SAFETY:
+    if reads_safety_labels(name, cfg.dpo.loss_type):
         require_safety_labels(sets["helpful"], f"data.preferences.{roles['helpful']}",
                               f"pipeline.baselines {name}")
     rows = BASELINE_DATA[name](sets["helpful"], sets["harmless"])
