@@ -226,6 +226,8 @@ def _baseline_stages(cfg: RunConfig, base_dep: tuple[str, ...], data: dict, ds: 
                      world: int) -> list[Stage]:
     """One stage per entry of pipeline.baselines (see prefvec_ds.pipeline.baselines)."""
     check_baselines(cfg)
+    if not cfg.pipeline.baselines:
+        return []  # baseline_roles may then name preferences the run does not have
     lay = RunLayout.of(cfg)
     roles = cfg.pipeline.baseline_roles
     prefs = {role: _preference_slice(cfg, cfg.data.preferences[pref])

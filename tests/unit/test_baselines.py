@@ -91,6 +91,16 @@ def test_bad_baseline_settings_are_one_clear_error(tmp_path):
                            "pipeline.merges=[{name: bfpo, eta: {}}]"))
 
 
+def test_a_run_without_baselines_may_lack_the_preferences_their_roles_name(tmp_path):
+    """pipeline.baseline_roles defaults to helpful/harmless; a one-preference run (the MORA
+    quickstart) that trains no baseline must not trip on it."""
+    cfg = cfg_with(tmp_path, "pipeline.baselines=[]",
+                   "data.preferences={helpful: {source: embedded}}",
+                   "pipeline.merges=[{name: default, eta: {helpful: 1.0}}]")
+    names = [s.name for s in build_dag(cfg)]
+    assert "eval" in names and not any(n.startswith("baseline/") for n in names)
+
+
 def test_soup_and_positive_only_are_the_weighted_moves_from_theta_base(tmp_path):
     """On real checkpoint files: theta_base (HF), two + models (ZeRO-3 layout, 2 ranks)."""
     base_sd = pico_state_dict(0)
