@@ -37,6 +37,12 @@ StageKind = Literal["sft", "mora", "ref_logps", "dpo", "vectors", "merge", "base
                     "baseline_merge", "eval", "tune"]
 """Kinds of pipeline stages, in DAG order (`pipeline.slurm.time` has one limit per kind)."""
 
+ZeroStage = Literal[1, 2, 3]
+"""zero_optimization.stage of distributed.ds_config: the stages the trainers run and the
+extractor reads (prefvec_ds.ckpt.sources.DEEPSPEED_READERS). Stage 0 (plain data parallel) is
+not offered: ZeRO-1 takes the same step with the optimizer states sharded, and writes the
+fp32 partitions the extractor streams."""
+
 BaselineKind = Literal["dpo_joint", "dpo_safe_first", "bfpo", "dpo_soup", "positive_only"]
 """pipeline.baselines: systems trained or merged in the same run to compare Preference Vectors
 with (see prefvec_ds.pipeline.baselines.BASELINES)."""

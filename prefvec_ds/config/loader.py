@@ -15,6 +15,7 @@ import yaml
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.atomic import write_text_atomic
+from prefvec_ds.config.choices import ZeroStage
 from prefvec_ds.config.schema import OptimConfig, RunConfig
 
 PACKAGE_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
@@ -171,7 +172,8 @@ def resolve_ds_config(cfg: RunConfig, stage: OptimConfig, world_size: int) -> di
             raise PrefvecError(f"ds_config {path}: optimizer.params.{key}={params[key]} "
                                f"contradicts the run config ({key}={value})")
         params[key] = value
-    stage3 = ds.get("zero_optimization", {}).get("stage")
-    if stage3 != 3:
-        raise PrefvecError(f"ds_config {path}: zero_optimization.stage must be 3, got {stage3}")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage not in typing.get_args(ZeroStage):
+        raise PrefvecError(f"ds_config {path}: zero_optimization.stage must be one of "
+                           f"{', '.join(map(str, typing.get_args(ZeroStage)))}, got {stage}")
     return ds

@@ -186,8 +186,9 @@ class DPOConfig(OptimConfig):
 @dataclass
 class DistributedConfig:
     ds_config: str = "ds_configs/zero3_cpu_fp32.json"
-    """DeepSpeed JSON owning ZeRO stage and precision (relative paths: the config file's folder,
-    then the project's ds_configs/). Its batch fields must agree with the run config or be absent."""
+    """DeepSpeed JSON owning the ZeRO stage (1, 2 or 3) and precision (relative paths: the config
+    file's folder, then the project's ds_configs/). Its batch fields must agree with the run
+    config or be absent."""
     nproc_per_node: int = 2
     """Ranks per node for each stage (GPUs per node on a cluster)."""
     nnodes: int = 1

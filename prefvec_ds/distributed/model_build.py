@@ -1,17 +1,21 @@
-"""DeepSpeed engines over HF model folders, built without a full state dict on any rank.
+"""DeepSpeed engines over HF model folders, for ZeRO stage 1, 2 or 3 (the ds_config's choice).
 
-Models are built inside `deepspeed.zero.Init` (each rank allocates only its partition) and filled
-one tensor at a time from the HF folder's safetensors: rank 0 reads a tensor (mmap) and
-`GatheredParameters(modifier_rank=0)` scatters it, so no rank ever holds a full state dict.
+ZeRO-3: models are built inside `deepspeed.zero.Init` (each rank allocates only its partition)
+and filled one tensor at a time from the HF folder's safetensors: rank 0 reads a tensor (mmap)
+and `GatheredParameters(modifier_rank=0)` scatters it, so no rank ever holds a full state dict.
+ZeRO-1/2: every rank holds the whole model by design (only optimizer states, and at stage 2
+gradients, are partitioned), so every rank fills its own copy from the same mmapped files.
 """
 
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import torch
 
+from prefvec_ds.config.choices import ZeroStage
 from prefvec_ds.distributed.group import rank
 from prefvec_ds.distributed.zero_sizing import resolve_zero_auto
 
@@ -43,17 +47,29 @@ def import_model_class(config) -> None:
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lazy mapping imports the module
 
 
-def _build_partitioned(model_dir: Path, ds_config: dict, gradient_checkpointing: bool):
+ZERO_STAGES = typing.get_args(ZeroStage)
+
+
+def zero_stage(ds_config: dict) -> int:
+    """zero_optimization.stage of a DeepSpeed config (DeepSpeed's default: 0)."""
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _build_model(model_dir: Path, ds_config: dict, gradient_checkpointing: bool):
+    import contextlib  # noqa: PLC0415
+
     import deepspeed  # noqa: PLC0415
     import torch._dynamo  # noqa: F401, PLC0415 - must precede zero.Init (dynamo signature bug)
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(model_dir)
     import_model_class(config)
+    partitioned = (deepspeed.zero.Init(config_dict_or_path=ds_config)
+                   if zero_stage(ds_config) == 3 else contextlib.nullcontext())
     # no dtype= here: DeepSpeed 0.19 drops it on the CPU accelerator; the config decides.
     # no weight init: every parameter is overwritten from the folder, and HF's init indexes
     # rows (padding_idx) of partitions that are empty on this rank.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config), _no_init_weights():
+    with partitioned, _no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -62,8 +78,9 @@ def _build_partitioned(model_dir: Path, ds_config: dict, gradient_checkpointing:
     return model
 
 
-def _fill_from_safetensors(model, model_dir: Path) -> None:
-    """Copy every parameter from the folder's safetensors into its ZeRO-3 partitions."""
+def _fill_from_safetensors(model, model_dir: Path, partitioned: bool) -> None:
+    """Copy every parameter from the folder's safetensors: into its ZeRO-3 partitions through
+    rank 0, or (ZeRO-1/2, whole parameters on every rank) on each rank."""
     import deepspeed  # noqa: PLC0415
     from safetensors import safe_open  # noqa: PLC0415
 
@@ -71,7 +88,7 @@ def _fill_from_safetensors(model, model_dir: Path) -> None:
 
     index = safetensors_index(model_dir)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    is_src = rank() == 0
+    is_src = rank() == 0 or not partitioned
     for name, param in model.named_parameters():
         key = name if name in index else ("model.embed_tokens.weight"
                                           if tied and name == "lm_head.weight" else None)
@@ -85,16 +102,21 @@ def _fill_from_safetensors(model, model_dir: Path) -> None:
 
 def build_engine(model_dir: Path, ds_config: dict, train: bool, lr_lambda=None,
                  gradient_checkpointing: bool = False):
-    """A ZeRO-3 engine over the HF model in model_dir (optimizer + LambdaLR when train)."""
+    """A ZeRO-1/2/3 engine over the HF model in model_dir (optimizer + LambdaLR when train)."""
     import deepspeed  # noqa: PLC0415
 
+    stage = zero_stage(ds_config)
+    if stage not in ZERO_STAGES:  # the loader checks run configs; this guards direct callers
+        raise ValueError(f"zero_optimization.stage {stage}: expected one of {ZERO_STAGES}")
     model_cfg = json.loads((Path(model_dir) / "config.json").read_text())
     hidden = model_cfg.get("hidden_size") or model_cfg.get("text_config", {}).get("hidden_size")
     cfg = resolve_zero_auto(ds_config, hidden)
     if not train:
         cfg.pop("optimizer", None)
-    model = _build_partitioned(model_dir, cfg, gradient_checkpointing and train)
-    _fill_from_safetensors(model, model_dir)
+        if stage < 3:  # ZeRO-1/2 partition optimizer states: an inference engine
+            cfg["zero_optimization"] = {"stage": 0}  # (no optimizer) is plain data parallel
+    model = _build_model(model_dir, cfg, gradient_checkpointing and train)
+    _fill_from_safetensors(model, model_dir, partitioned=stage == 3)
     kwargs = {}
     if train:
         # the engine builds the optimizer from the config; our schedule is a plain LambdaLR.

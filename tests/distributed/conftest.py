@@ -24,8 +24,10 @@ SMALL = {
 }
 
 
-def write_config(path: Path, run_dir: Path, extra: dict | None = None) -> Path:
-    """The quickstart recipe with SMALL (and `extra`) merged in, pointed at run_dir."""
+def write_config(path: Path, run_dir: Path, extra: dict | None = None,
+                 ds_config: str = "zero3_cpu_fp32.json") -> Path:
+    """The quickstart recipe with SMALL (and `extra`) merged in, pointed at run_dir, training
+    with ds_configs/<ds_config>."""
     cfg = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     for patch in (SMALL, extra or {}):
         for section, values in patch.items():
@@ -34,7 +36,7 @@ def write_config(path: Path, run_dir: Path, extra: dict | None = None) -> Path:
             else:
                 cfg[section] = values
     cfg["run_dir"] = str(run_dir)
-    cfg["distributed"]["ds_config"] = str(REPO / "ds_configs" / "zero3_cpu_fp32.json")
+    cfg["distributed"]["ds_config"] = str(REPO / "ds_configs" / ds_config)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

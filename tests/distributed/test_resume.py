@@ -30,13 +30,14 @@ def fp32_weights(ckpt_dir):
     return tag, get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
 
 
-def test_killed_run_resumes_to_the_same_weights(sft_run, tmp_path):
+@pytest.mark.parametrize("ds_config", ["zero3_cpu_fp32.json", "zero2_cpu_fp32.json"])
+def test_killed_run_resumes_to_the_same_weights(sft_run, tmp_path, ds_config):
     _, run = sft_run
     base = {"model": {"base": str(run / "sft" / "model")}, **STEPS}
-    straight = write_config(tmp_path / "a.yaml", tmp_path / "a", base)
+    straight = write_config(tmp_path / "a.yaml", tmp_path / "a", base, ds_config=ds_config)
     prefvec("train", "dpo", str(straight), "--direction", "helpful-")
 
-    resumed = write_config(tmp_path / "b.yaml", tmp_path / "b", base)
+    resumed = write_config(tmp_path / "b.yaml", tmp_path / "b", base, ds_config=ds_config)
     folder = tmp_path / "b" / "dpo" / "helpful-"
     proc = subprocess.Popen([sys.executable, "-m", "prefvec_ds.cli", "train", "dpo",
                              str(resumed), "--direction", "helpful-"], cwd=REPO,

@@ -55,7 +55,10 @@ def test_ds_config_batch_fields_filled_and_contradictions_refused(tmp_path):
     bad["train_micro_batch_size_per_gpu"] = "auto"
     bad["zero_optimization"]["stage"] = 2
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(PrefvecError, match="stage must be 3"):
+    assert resolve_ds_config(cfg, cfg.dpo, world_size=2)["zero_optimization"]["stage"] == 2
+    bad["zero_optimization"]["stage"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(PrefvecError, match="stage must be one of 1, 2, 3, got 0"):
         resolve_ds_config(cfg, cfg.dpo, world_size=2)
 
 
