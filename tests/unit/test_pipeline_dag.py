@@ -15,7 +15,7 @@ from prefvec_ds.distributed.launch import RankJob
 from prefvec_ds.pipeline.job import rank_command
 from prefvec_ds.pipeline.local import device_slots, format_summary, StageResult
 from prefvec_ds.pipeline.slurm import JobState
-from prefvec_ds.pipeline.status import StageStatus, _merge_slurm
+from prefvec_ds.pipeline.status import StageStatus, _from_manifest, _merge_slurm
 from prefvec_ds.pipeline.submit import group_spec
 from tests.conftest import REPO
 
@@ -153,6 +153,16 @@ def test_status_says_a_dependent_was_cancelled():
     row = _merge_slurm(StageStatus("dpo/harmless-", "running"), {"job": "3_3"},
                        JobState("3_3", "FAILED", "", "3:0"))
     assert row.state == "failed" and "3:0" in row.detail
+
+
+def test_failed_stage_detail_names_the_exit_code_once(tmp_path):
+    stages = build_dag(cfg_for(tmp_path))
+    sft, ref = stages[0], stages[1]
+    for stage, error in ((sft, "exit code 137"), (ref, "rank 1: out of memory")):
+        manifest.begin(tmp_path, stage, "x")
+        manifest.finish(tmp_path, stage, "failed", 137, error)
+    assert _from_manifest(tmp_path, sft).detail == "exit code 137"
+    assert _from_manifest(tmp_path, ref).detail == "exit code 137: rank 1: out of memory"
 
 
 def test_summary_table_lists_every_stage():
