@@ -142,6 +142,12 @@ def find_ds_config(cfg: RunConfig) -> Path:
                        f"(looked in {', '.join(str(c) for c in candidates)})")
 
 
+def zero_stage(ds_config: dict):
+    """zero_optimization.stage of a DeepSpeed config as written (DeepSpeed's default: 0);
+    resolve_ds_config accepts only the ints of ZeroStage."""
+    return (ds_config.get("zero_optimization") or {}).get("stage", 0)
+
+
 def resolve_ds_config(cfg: RunConfig, stage: OptimConfig, world_size: int) -> dict:
     """The DeepSpeed JSON for one stage: batch and optimizer fields come from the run config.
 
@@ -172,7 +178,7 @@ def resolve_ds_config(cfg: RunConfig, stage: OptimConfig, world_size: int) -> di
             raise PrefvecError(f"ds_config {path}: optimizer.params.{key}={params[key]} "
                                f"contradicts the run config ({key}={value})")
         params[key] = value
-    stage = ds.get("zero_optimization", {}).get("stage")
+    stage = zero_stage(ds)
     if stage not in typing.get_args(ZeroStage):
         raise PrefvecError(f"ds_config {path}: zero_optimization.stage must be one of "
                            f"{', '.join(map(str, typing.get_args(ZeroStage)))}, got {stage}")

@@ -10,12 +10,11 @@ gradients, are partitioned), so every rank fills its own copy from the same mmap
 from __future__ import annotations
 
 import json
-import typing
 from pathlib import Path
 
 import torch
 
-from prefvec_ds.config.choices import ZeroStage
+from prefvec_ds.config.loader import zero_stage
 from prefvec_ds.distributed.group import rank
 from prefvec_ds.distributed.zero_sizing import resolve_zero_auto
 
@@ -45,14 +44,6 @@ def import_model_class(config) -> None:
 
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:  # remote code is imported by from_config
         MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # the lazy mapping imports the module
-
-
-ZERO_STAGES = typing.get_args(ZeroStage)
-
-
-def zero_stage(ds_config: dict) -> int:
-    """zero_optimization.stage of a DeepSpeed config (DeepSpeed's default: 0)."""
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0))
 
 
 def _build_model(model_dir: Path, ds_config: dict, gradient_checkpointing: bool):
@@ -105,9 +96,7 @@ def build_engine(model_dir: Path, ds_config: dict, train: bool, lr_lambda=None,
     """A ZeRO-1/2/3 engine over the HF model in model_dir (optimizer + LambdaLR when train)."""
     import deepspeed  # noqa: PLC0415
 
-    stage = zero_stage(ds_config)
-    if stage not in ZERO_STAGES:  # the loader checks run configs; this guards direct callers
-        raise ValueError(f"zero_optimization.stage {stage}: expected one of {ZERO_STAGES}")
+    stage = zero_stage(ds_config)  # 1, 2 or 3: config.loader.resolve_ds_config checked it
     model_cfg = json.loads((Path(model_dir) / "config.json").read_text())
     hidden = model_cfg.get("hidden_size") or model_cfg.get("text_config", {}).get("hidden_size")
     cfg = resolve_zero_auto(ds_config, hidden)

@@ -177,7 +177,8 @@ def execute(cfg: RunConfig, stage: Stage, launcher: str, port: int | None = None
     elif rc == REQUEUE_EXIT_CODE:
         manifest.finish(run_dir, stage, "preempted", rc, "checkpointed on a signal; resumes")
     else:
-        error = f"exit code {rc}" if rc else f"exited 0 but {stage.done_file} is missing"
+        # a bare non-zero exit is in exit_code already: no error text to repeat it
+        error = "" if rc else f"exited 0 but {stage.done_file} is missing"
         manifest.finish(run_dir, stage, "failed", rc or 1, error)
         rc = rc or 1
     print(f"[prefvec] {stage.name}: exit {rc} at {time.strftime('%H:%M:%S')}", flush=True)

@@ -96,10 +96,8 @@ def _from_manifest(run_dir: Path, stage: Stage) -> StageStatus:
     if state == "done":  # done once, but for other inputs, or its output was deleted
         state, m["error"] = "stale", why
     detail = m.get("error") or ""
-    code = m.get("exit_code")
-    if state == "failed" and code is not None and not detail.startswith(f"exit code {code}"):
-        # the stage job records a bare "exit code N" as its error when the ranks said nothing
-        detail = f"exit code {code}: {detail}" if detail else f"exit code {code}"
+    if state == "failed" and m.get("exit_code") is not None:
+        detail = ": ".join(filter(None, (f"exit code {m['exit_code']}", detail)))
     return StageStatus(stage.name, state, detail=detail, wall_s=m.get("wall_s"))
 
 
