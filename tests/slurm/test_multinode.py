@@ -98,15 +98,18 @@ def wait_for(path: Path, job_ids: list[str], timeout: float = 300) -> None:
         time.sleep(0.2)
 
 
-def requeue_now(task: str, timeout: float = 60) -> None:
-    """`scontrol requeue`, then release the job from its BeginTime hold (requeue + cred_expire,
-    121 s with the default) with StartTime=now as soon as it is pending again."""
+def requeue(task: str, timeout: float = 60) -> None:
+    """`scontrol requeue`, and wait until the job is pending again. It then starts after
+    Slurm's own BeginTime hold (requeue + cred_expire + 1: 11 s on the test cluster). Never
+    released early with `StartTime=now`: slurmd refuses to launch a job whose credential is not
+    newer than the revoke of its previous run, with one-second resolution (`ctime <= revoked`
+    in slurm_cred_revoked), so a rerun started in the same second as the requeue fails
+    ("already killed, do not launch batch job") and the job ends FAILED."""
     subprocess.run(["scontrol", "requeue", task], check=True)
     deadline = time.time() + timeout
     while slurm.job_states([task])[task].state != "PENDING":
         assert time.time() < deadline, f"{task} not pending {timeout} s after the requeue"
         time.sleep(0.2)
-    subprocess.run(["scontrol", "update", f"JobId={task}", "StartTime=now"], check=True)
 
 
 def relative_distance(a: dict, b: dict) -> float:
@@ -135,7 +138,7 @@ def two_node_run(local_run, tmp_path_factory) -> dict:
     ids = [jobs["dpo"]["job_id"], jobs["vectors"]["job_id"]]
     ckpt = run / "dpo" / "harmless-" / "ckpt"
     wait_for(ckpt / "global_step4" / COMPLETE_MARKER, ids)
-    requeue_now(f"{jobs['dpo']['job_id']}_{REQUEUED}")
+    requeue(f"{jobs['dpo']['job_id']}_{REQUEUED}")
     assert not (ckpt / "global_step16" / COMPLETE_MARKER).exists(), "finished before the requeue"
     states = slurm.wait(ids, timeout=600, poll=1)
     return {"run": run, "jobs": jobs, "states": states}
