@@ -8,6 +8,7 @@ adding a loss, a preference source, a scorer or a stage kind is one name here pl
 
     LossType          prefvec_ds.train.losses.LOSSES
     PreferenceSource  prefvec_ds.data.sources.PREFERENCE_LOADERS (MORA's pool takes them too)
+    PromptSource      prefvec_ds.data.prompts.PROMPT_LOADERS
     ScorerKind        prefvec_ds.eval.scorers.SCORER_KINDS
     RewriterKind      prefvec_ds.mora.rewrite.REWRITERS
     StageKind         prefvec_ds.config.pipeline.DEFAULT_TIMES and the stages of
@@ -23,8 +24,14 @@ from typing import Literal
 LossType = Literal["sigmoid", "ipo", "hinge", "bfpo"]
 """dpo.loss_type: sigmoid (DPO), ipo, hinge, bfpo (needs per-response safety labels)."""
 
-PreferenceSource = Literal["embedded", "pku_saferlhf", "hh_rlhf", "jsonl", "mora"]
-"""data.preferences.<name>.source; mora: the pairs written by the MORA stage."""
+PreferenceSource = Literal["embedded", "pku_saferlhf", "hh_rlhf", "safety_pairs", "jsonl", "mora"]
+"""data.preferences.<name>.source; safety_pairs: {prompt, response: [safer, worse]} rows (the
+PKU-SafeRLHF-derived safety pairs); mora: the pairs written by the MORA stage."""
+
+PromptSource = Literal["alpaca_eval", "advbench", "harmbench", "beavertails", "xstest", "prompts"]
+"""pipeline.eval.prompt_sets.<name>.source: the public eval prompt sets (readers:
+prefvec_ds.data.prompts.PROMPT_LOADERS); prompts: a .txt with one prompt per line, or
+json/jsonl rows with a `prompt` field."""
 
 ScorerKind = Literal["rules", "reward_model", "cost_model", "refusal", "rules_dual", "judge",
                      "safety_classifier"]

@@ -16,7 +16,7 @@ from typing import Literal
 
 from prefvec_ds.ckpt.methods import MERGE_METHODS
 from prefvec_ds.config.checks import check, check_choice
-from prefvec_ds.config.choices import ScorerKind
+from prefvec_ds.config.choices import PromptSource, ScorerKind
 from prefvec_ds.config.tune import TuneConfig
 
 GRIDS = ("auto", "product", "pairs", "axes")
@@ -93,6 +93,38 @@ class GenerationSpec:
         check(self.backend in BACKENDS, "generation.backend", " | ".join(BACKENDS), self.backend)
 
 
+@dataclass
+class PromptSetConfig:
+    """A named set of eval prompts (pipeline.eval.prompt_sets.<name>): every scorer's axes are
+    also reported per set, as `<axis>@<name>` (e.g. refusal@advbench, refusal@xstest)."""
+
+    source: PromptSource = "prompts"
+    """alpaca_eval (helpful instructions), advbench, harmbench, beavertails (harmful requests),
+    xstest (safe prompts that look unsafe, and unsafe ones), prompts (a .txt with one prompt per
+    line, or json/jsonl rows with a `prompt` field). Readers: prefvec_ds.data.prompts."""
+    path: str = ""
+    """The set's file (`{data_root}/...` is filled from data.root)."""
+    subset: str = ""
+    """Rows to keep: xstest `safe` | `unsafe` (its label column), harmbench a
+    FunctionalCategory (default `standard`: no context string), beavertails a category,
+    alpaca_eval a `dataset` value; empty: every row."""
+    max_prompts: int = 100
+    """At most this many prompts, picked by a hash of their text (stable across runs and spread
+    over a file sorted by category); 0: all."""
+    axes: list[str] = field(default_factory=list)
+    """The scorer axes reported for this set (e.g. [refusal] for harmful requests); empty:
+    every axis."""
+
+    def __post_init__(self):
+        where = "pipeline.eval.prompt_sets.<name>"
+        check_choice(self.source, PromptSource, f"{where}.source")
+        check(bool(self.path), f"{where}.path", "a file", self.path)
+        check(isinstance(self.max_prompts, int) and self.max_prompts >= 0,
+              f"{where}.max_prompts", "an integer >= 0 (0 = all)", self.max_prompts)
+        check(isinstance(self.axes, list) and all(isinstance(a, str) for a in self.axes),
+              f"{where}.axes", "a list of scorer axis names", self.axes)
+
+
 def _default_etas() -> list[float]:
     return [-1.0, -0.5, 0.0, 0.5, 1.0]
 
@@ -119,7 +151,11 @@ class EvalConfig:
     paper's default merge)."""
     prompts: int = 200
     """Held-out prompts (distinct prompts of the held-out pairs of every preference) answered
-    at every point."""
+    at every point, when prompt_sets is empty."""
+    prompt_sets: dict[str, PromptSetConfig] = field(default_factory=dict)
+    """Named eval prompt sets (AlpacaEval, AdvBench, HarmBench, BeaverTails, XSTest, a file):
+    when given, their prompts are the ones answered (held-out pairs still give the margins),
+    and each axis is also reported per set as `<axis>@<set>`."""
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     """Decoding of the answers. Sampled decoding (do_sample, num_samples > 1) measures rates
     that move smoothly with eta; greedy flips whole answers at a threshold. Each batch reseeds
@@ -133,6 +169,10 @@ class EvalConfig:
     """Held-out pairs per preference whose log-prob margin log p(chosen) - log p(rejected)
     (and accuracy: the share with a positive margin) is measured at every point; 0: off.
     No generation: cheap and deterministic."""
+    headline: list[str] = field(default_factory=list)
+    """The two score columns, higher is better, that `prefvec compare` plots against each other
+    and ranks the sweep's points by (e.g. [reward@alpaca_eval, refusal@advbench]); empty: the
+    helpful and harmless columns when scored, else the first two."""
     samples_in_report: int = 3
     """Answers shown per point in the report (all answers go to eval/answers.jsonl)."""
     cpu_threads: int = 1
@@ -177,6 +217,13 @@ class EvalConfig:
         if isinstance(self.generation, dict):
             self.generation = GenerationSpec(**self.generation)
         check(self.prompts >= 1, "pipeline.eval.prompts", ">= 1", self.prompts)
+        check(isinstance(self.prompt_sets, dict), "pipeline.eval.prompt_sets",
+              "a mapping of set name -> {source, path, ...}", self.prompt_sets)
+        for name, value in list(self.prompt_sets.items()):
+            check(isinstance(name, str) and name.replace("_", "").replace("-", "").isalnum(),
+                  "pipeline.eval.prompt_sets", "set names of letters, digits, _ and -", name)
+            if isinstance(value, dict):
+                self.prompt_sets[name] = PromptSetConfig(**value)
         check(isinstance(self.scorers, list) and all(
             isinstance(s, str) or (isinstance(s, dict) and "kind" in s) for s in self.scorers),
             "pipeline.eval.scorers", "a list of scorer kinds or {kind: ...} mappings",
@@ -184,6 +231,9 @@ class EvalConfig:
         for spec in self.scorers:
             kind = spec if isinstance(spec, str) else spec["kind"]
             check_choice(kind, ScorerKind, "pipeline.eval.scorers")
+        check(isinstance(self.headline, list) and len(self.headline) in (0, 2) and all(
+            isinstance(c, str) for c in self.headline), "pipeline.eval.headline",
+            "two score column names (or none)", self.headline)
         check(self.margin_pairs >= 0, "pipeline.eval.margin_pairs", ">= 0", self.margin_pairs)
         check(self.cpu_threads >= 0, "pipeline.eval.cpu_threads", ">= 0", self.cpu_threads)
         check(self.samples_in_report >= 0, "pipeline.eval.samples_in_report", ">= 0",

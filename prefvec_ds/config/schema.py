@@ -6,7 +6,7 @@ parameter by its dotted path (e.g. `dpo.beta`) and say what was expected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.checks import check as _check
@@ -50,9 +50,30 @@ class PreferenceConfig:
     """Use at most this many pairs (0 = all), taken in file order before the eval split."""
     eval_fraction: float = 0.1
     """Fraction of pairs held out (deterministically, by a hash of the pair) for eval metrics."""
+    also: list = field(default_factory=list)
+    """More pairs of this preference from other files or sources, each a mapping {source, path,
+    max_pairs, order_by, split} (e.g. harmlessness from PKU-derived safety pairs and HH-RLHF
+    harmless). The parts are interleaved pair by pair (this one first), so `max_pairs` above
+    keeps a share of each; `eval_fraction` above applies to all (a part's own is ignored)."""
 
     def __post_init__(self):
         check_choice(self.source, PreferenceSource, "data.preferences.<name>.source", sep="|")
+        _check(isinstance(self.also, list) and all(isinstance(a, (dict, PreferenceConfig))
+                                                   for a in self.also),
+               "data.preferences.<name>.also", "a list of {source, path, ...} mappings",
+               self.also)
+        parts = []
+        for part in self.also:
+            if isinstance(part, dict):
+                known = [f.name for f in fields(PreferenceConfig)]
+                unknown = sorted(set(part) - set(known))
+                _check(not unknown, "data.preferences.<name>.also[]",
+                       f"keys among {', '.join(known)}", ", ".join(unknown))
+                part = PreferenceConfig(**part)
+            _check(not part.also, "data.preferences.<name>.also[].also", "absent (one level)",
+                   part.also)
+            parts.append(part)
+        self.also = parts
         _check(self.order_by.endswith("_response_id"), "data.preferences.<name>.order_by",
                "a *_response_id column such as better_response_id", self.order_by)
         _check(self.source == "embedded" or bool(self.path), "data.preferences.<name>.path",
@@ -85,6 +106,11 @@ class DataConfig:
     """Seed of the embedded data generator (the data set is a pure function of it)."""
     preferences: dict[str, PreferenceConfig] = field(default_factory=_default_preferences)
     """Preference name -> source; each preference p trains directions p+ and p-."""
+    root: str = ""
+    """Folder of the public data sets (HH-RLHF, PKU-SafeRLHF, AlpacaEval, XSTest, ...): a
+    `{data_root}` in any data path (data.preferences, data.sft_source,
+    pipeline.eval.prompt_sets) is replaced by it, so `data.root=/scratch/data` moves a recipe to
+    another machine. Empty with a `{data_root}` path is an error naming this parameter."""
 
     def __post_init__(self):
         _check(self.max_len >= 16, "data.max_len", ">= 16", self.max_len)
@@ -234,6 +260,9 @@ class RunConfig:
     source_path: str = ""
     """Set by the loader: the YAML this config came from (for relative paths)."""
 
+    def __post_init__(self):
+        fill_data_root(self)
+
     def directions(self) -> list[str]:
         """Every trainable direction: p+ and p- for each preference p, in config order."""
         return [f"{p}{s}" for p in self.data.preferences for s in ("+", "-")]
@@ -244,3 +273,24 @@ class RunConfig:
             raise PrefvecError(f"unknown direction {direction!r}: expected one of "
                                f"{', '.join(self.directions())} (from data.preferences)")
         return direction[:-1], (1 if direction.endswith("+") else -1)
+
+
+DATA_ROOT_MARK = "{data_root}"
+
+
+def fill_data_root(cfg: RunConfig) -> None:
+    """Replace `{data_root}` in every data path by data.root (in place; idempotent)."""
+    def fill(path: str, param: str) -> str:
+        if DATA_ROOT_MARK not in path:
+            return path
+        _check(bool(cfg.data.root), "data.root", f"a folder ({param} is {path!r})",
+               cfg.data.root)
+        return path.replace(DATA_ROOT_MARK, cfg.data.root.rstrip("/"))
+
+    for name, pref in cfg.data.preferences.items():
+        pref.path = fill(pref.path, f"data.preferences.{name}.path")
+        for part in pref.also:
+            part.path = fill(part.path, f"data.preferences.{name}.also[].path")
+    cfg.data.sft_source = fill(cfg.data.sft_source, "data.sft_source")
+    for name, prompt_set in cfg.pipeline.eval.prompt_sets.items():
+        prompt_set.path = fill(prompt_set.path, f"pipeline.eval.prompt_sets.{name}.path")

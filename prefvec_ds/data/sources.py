@@ -5,6 +5,7 @@
   column (helpful: better_response_id, harmless: safer_response_id).
 - HH-RLHF: {"chosen", "rejected"} full dialogues; split into the shared multi-turn prompt and the
   two final assistant responses.
+- safety pairs: {prompt, response: [safer, worse]} (PKU-SafeRLHF-derived).
 - generic jsonl: {prompt, chosen, rejected}.
 - embedded: the generated world of prefvec_ds.data.embedded, in PKU schema.
 - mora: pairs written by the MORA stage (prefvec_ds.mora), {prompt, chosen, rejected, ...};
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from itertools import zip_longest
 from pathlib import Path
 from typing import Callable
 
@@ -227,21 +229,72 @@ def read_pairs(path: str, name: str) -> list[PreferencePair]:
     return jsonl_pairs(read_rows(path), path)
 
 
+#: where each public data set comes from, for the error a user without the file gets
+DATA_DOWNLOADS = {
+    "hh_rlhf": "Anthropic/hh-rlhf on the Hugging Face hub (e.g. helpful-base/test.jsonl.gz, "
+               "saved as hh-rlhf/helpful-base-test.jsonl.gz)",
+    "pku_saferlhf": "PKU-Alignment/PKU-SafeRLHF on the Hugging Face hub (rows with response_0, "
+                    "response_1, better_response_id, safer_response_id)",
+    "safety_pairs": "a JSON list of {prompt, response: [safer, worse]} derived from "
+                    "PKU-Alignment/PKU-SafeRLHF (e.g. its safer_response_id pairs)",
+    "alpaca_eval": "tatsu-lab/alpaca_eval on the Hugging Face hub (alpaca_eval.json, or a "
+                   "*_model_outputs.json of its results)",
+    "advbench": "harmful_behaviors.csv from github.com/llm-attacks/llm-attacks (data/advbench)",
+    "harmbench": "harmbench_behaviors_text_all.csv from github.com/centerforaisafety/HarmBench "
+                 "(data/behavior_datasets)",
+    "beavertails": "PKU-Alignment/BeaverTails-Evaluation on the Hugging Face hub",
+    "xstest": "xstest_prompts.csv from github.com/paul-rottger/xstest",
+}
+
+
+def missing_data_error(path: str, source: str) -> PrefvecError:
+    """One line: which file is missing, and where the data set it should hold comes from."""
+    where = DATA_DOWNLOADS.get(source)
+    hint = f": download {where}, then point data.root (or the path) at it" if where else ""
+    return PrefvecError(f"data file {path} does not exist ({source} data){hint}")
+
+
+def _read(pref: PreferenceConfig) -> list[dict]:
+    """Rows of a preference's file; a missing local file says what to download."""
+    p = Path(pref.path)
+    if not p.exists() and (p.suffix or pref.path.startswith((".", "/"))):
+        raise missing_data_error(pref.path, pref.source)
+    return read_rows(pref.path, pref.split)
+
+
+def safety_pairs(rows: list[dict], where: str) -> list[PreferencePair]:
+    """`{prompt, response: [safer, worse]}` rows (PKU-SafeRLHF-derived safety pairs)."""
+    out = []
+    for i, row in enumerate(rows):
+        loc = row_location(rows, i, where)
+        _require(row, ("prompt", "response"), loc, ("prompt",))
+        pair = row["response"]
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(r, str)
+                                                                 for r in pair)):
+            raise PrefvecError(f"{loc}: column response: expected [safer, worse] strings")
+        out.append(PreferencePair(user_prompt(row["prompt"]), pair[0], pair[1], loc))
+    return out
+
+
 def _embedded(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
     rows = embedded.preference_rows(data.embedded_size, data.embedded_seed)
     return pku_pairs(rows, pref.order_by, f"embedded[{name}]")
 
 
 def _pku(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
-    return pku_pairs(read_rows(pref.path, pref.split), pref.order_by, pref.path)
+    return pku_pairs(_read(pref), pref.order_by, pref.path)
 
 
 def _hh(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
-    return hh_pairs(read_rows(pref.path, pref.split), pref.path)[0]
+    return hh_pairs(_read(pref), pref.path)[0]
 
 
 def _jsonl(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
-    return jsonl_pairs(read_rows(pref.path, pref.split), pref.path)
+    return jsonl_pairs(_read(pref), pref.path)
+
+
+def _safety_pairs(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    return safety_pairs(_read(pref), pref.path)
 
 
 def _mora(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
@@ -253,13 +306,22 @@ PairLoader = Callable[[str, PreferenceConfig, DataConfig], list[PreferencePair]]
 #: source -> reader of the + orientation pairs; the keys are
 #: prefvec_ds.config.choices.PreferenceSource (tests/unit/test_choices.py checks both agree).
 PREFERENCE_LOADERS: dict[PreferenceSource, PairLoader] = {
-    "embedded": _embedded, "pku_saferlhf": _pku, "hh_rlhf": _hh, "jsonl": _jsonl, "mora": _mora,
+    "embedded": _embedded, "pku_saferlhf": _pku, "hh_rlhf": _hh, "safety_pairs": _safety_pairs,
+    "jsonl": _jsonl, "mora": _mora,
 }
+
+
+def _load_part(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
+    pairs = PREFERENCE_LOADERS[pref.source](name, pref, data)
+    return pairs[: pref.max_pairs] if pref.max_pairs else pairs
 
 
 def load_preference(name: str, pref: PreferenceConfig, data: DataConfig) -> list[PreferencePair]:
     """The + orientation pairs of one configured preference, before tokenization."""
     pairs = PREFERENCE_LOADERS[pref.source](name, pref, data)
+    if pref.also:  # interleaved, so that max_pairs keeps a share of every part
+        parts = [pairs] + [_load_part(name, part, data) for part in pref.also]
+        pairs = [p for row in zip_longest(*parts) for p in row if p is not None]
     if pref.max_pairs:
         pairs = pairs[: pref.max_pairs]
     if not pairs:

@@ -38,6 +38,18 @@ def eval_prompts(cfg: RunConfig, limit: int) -> list[Messages]:
     return out[:limit]
 
 
+def answered_prompts(cfg: RunConfig) -> tuple[list[Messages], list[str], dict[str, list[str]]]:
+    """The prompts the eval answers: pipeline.eval.prompt_sets when configured (with the set
+    of each prompt and the axes kept per set), else the held-out prompts (no sets)."""
+    from prefvec_ds.data.prompts import load_prompt_sets  # noqa: PLC0415
+
+    ecfg = cfg.pipeline.eval
+    if not ecfg.prompt_sets:
+        return eval_prompts(cfg, ecfg.prompts), [], {}
+    prompts, sets = load_prompt_sets(ecfg.prompt_sets)
+    return prompts, sets, {name: list(spec.axes) for name, spec in ecfg.prompt_sets.items()}
+
+
 def diagnostic_preferences(cfg: RunConfig) -> list[str]:
     ecfg = cfg.pipeline.eval
     return list(ecfg.diagnostic_preferences) or list(cfg.data.preferences)
@@ -93,12 +105,13 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     check_names(ecfg, list(cfg.data.preferences), cfg.seed)
     base = check_model_dir(Path(base) if base else base_model_dir(cfg), "theta_base")
     tok = load_tokenizer(base)
+    prompts, sets, set_axes = answered_prompts(cfg)
     spec = SweepSpec(
         base_dir=base, vectors=vectors, points=sweep_points(list(vectors), ecfg),
-        prompts=eval_prompts(cfg, ecfg.prompts), generation=ecfg.generation,
+        prompts=prompts, generation=ecfg.generation,
         scorers=[build_scorer(s) for s in ecfg.scorers],
         margin_sets=held_out_pairs(cfg, tok, ecfg.margin_pairs), models=models or {},
-        samples_kept=ecfg.samples_in_report)
+        samples_kept=ecfg.samples_in_report, prompt_sets=sets, set_axes=set_axes)
     print(f"[sweep] {len(spec.points)} points x {len(spec.prompts)} prompts x "
           f"{ecfg.generation.num_samples} answers, {len(spec.models)} merged model(s)", flush=True)
     sweep = run_sweep(spec, out / "answers.jsonl")
@@ -116,6 +129,8 @@ def evaluate_run(cfg: RunConfig, out_dir: Path | None = None, base: Path | None 
     models_out = {"base": _flat(sweep["base"]),
                   **{name: _flat(row) for name, row in sweep["models"].items()}}
     summary = {"scorer": [s.name for s in spec.scorers], "prompts": len(spec.prompts),
+               **({"prompt_sets": {n: spec.prompt_sets.count(n) for n in set_axes}}
+                  if set_axes else {}),
                "models": models_out, "eta": sweep["merge_etas"],
                "points": len(spec.points), "trends": trends(sweep), "drift": sweep["drift"],
                "diagnostics": diag, **({"interference": inter} if inter else {}),
@@ -166,7 +181,7 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
     from prefvec_ds.eval.generate import load_policy  # noqa: PLC0415
     from prefvec_ds.eval.margins import held_out_pairs  # noqa: PLC0415
     from prefvec_ds.eval.scorers import build_scorer  # noqa: PLC0415
-    from prefvec_ds.eval.sweep import SweepSpec, evaluate_loaded  # noqa: PLC0415
+    from prefvec_ds.eval.sweep import SweepSpec, evaluate_loaded, kept_samples  # noqa: PLC0415
 
     ecfg = cfg.pipeline.eval
     cap_cpu_threads(ecfg.cpu_threads)
@@ -174,13 +189,13 @@ def evaluate_model(cfg: RunConfig, model_dir: Path, etas: dict[str, float] | Non
     model, tok = load_policy(model_dir, "fp32")
     if etas:
         apply_vectors(model, etas)
+    prompts, sets, set_axes = answered_prompts(cfg)
     spec = SweepSpec(base_dir=Path(model_dir), vectors={}, points=[],
-                     prompts=eval_prompts(cfg, ecfg.prompts), generation=ecfg.generation,
+                     prompts=prompts, generation=ecfg.generation,
                      scorers=[build_scorer(s) for s in ecfg.scorers],
-                     margin_sets=held_out_pairs(cfg, tok, ecfg.margin_pairs))
+                     margin_sets=held_out_pairs(cfg, tok, ecfg.margin_pairs),
+                     samples_kept=ecfg.samples_in_report, prompt_sets=sets, set_axes=set_axes)
     result = evaluate_loaded(model, tok, spec)
-    answers = result.pop("answers")
-    result["samples"] = [{"prompt": p[-1][1], "answers": a}
-                         for p, a in zip(spec.prompts, answers)][:ecfg.samples_in_report]
+    result["samples"] = kept_samples(spec, result.pop("answers"))
     return {"model": str(model_dir), "vectors": {str(k): v for k, v in (etas or {}).items()},
             "prompts": len(spec.prompts), **result}

@@ -101,8 +101,13 @@ def build_scorer(spec: dict | str) -> Scorer:
 
 
 def score_all(scorers: Sequence[Scorer], prompts: Sequence[Messages],
-              responses: Sequence[str]) -> Scores:
-    """Every scorer's axes on the same responses; two scorers may not claim one axis."""
+              responses: Sequence[str], sets: Sequence[str] = (),
+              set_axes: dict[str, Sequence[str]] | None = None) -> Scores:
+    """Every scorer's axes on the same responses; two scorers may not claim one axis.
+
+    With `sets` (the prompt set of each response, pipeline.eval.prompt_sets), the columns are
+    `<axis>@<set>` instead: the axis on that set's responses, None on the others; `set_axes`
+    names the axes kept per set (absent or empty: all)."""
     out: Scores = {}
     for scorer in scorers:
         for axis, values in scorer.score(prompts, responses).items():
@@ -110,6 +115,27 @@ def score_all(scorers: Sequence[Scorer], prompts: Sequence[Messages],
                 raise PrefvecError(f"scorer {scorer.name}: axis {axis} is already scored by "
                                    "another scorer")
             out[axis] = values
+    return split_by_set(out, sets, set_axes or {}) if sets else out
+
+
+def set_columns(axes: Sequence[str], set_axes: dict[str, Sequence[str]]) -> list[str]:
+    """The `<axis>@<set>` columns of score_all for prompt sets `set_axes` (set -> kept axes)."""
+    return [f"{axis}@{name}" for name, kept in set_axes.items() for axis in axes
+            if not kept or axis in kept]
+
+
+def split_by_set(scores: Scores, sets: Sequence[str], set_axes: dict[str, Sequence[str]]
+                 ) -> Scores:
+    out: Scores = {}
+    for name in dict.fromkeys(sets):
+        kept = set_axes.get(name) or list(scores)
+        for axis in kept:
+            if axis not in scores:
+                raise PrefvecError(f"config parameter pipeline.eval.prompt_sets.{name}.axes: "
+                                   f"{axis!r} is no scorer's axis; the scorers give "
+                                   f"{', '.join(scores)}")
+            out[f"{axis}@{name}"] = [v if s == name else None
+                                     for v, s in zip(scores[axis], sets, strict=True)]
     return out
 
 

@@ -48,12 +48,17 @@ class SweepSpec:
     """Merged model folders scored as they are (name -> folder)."""
     samples_kept: int = 3
     """Answers kept per point in the summary (all go to the answers file)."""
+    prompt_sets: list[str] = field(default_factory=list)
+    """The named set of each prompt (pipeline.eval.prompt_sets); empty: one unnamed set."""
+    set_axes: dict[str, list[str]] = field(default_factory=dict)
+    """Set -> the axes reported for it (empty list: all)."""
 
 
 def _score(spec: SweepSpec, answers: list[list[str]]) -> dict:
     prompts = [p for p, samples in zip(spec.prompts, answers) for _ in samples]
     flat = [a for samples in answers for a in samples]
-    return mean_scores(score_all(spec.scorers, prompts, flat))
+    sets = [s for s, samples in zip(spec.prompt_sets, answers) for _ in samples]
+    return mean_scores(score_all(spec.scorers, prompts, flat, sets, spec.set_axes))
 
 
 def evaluate_loaded(model, tok, spec: SweepSpec, answers: list[list[str]] | None = None
@@ -71,16 +76,31 @@ def evaluate_loaded(model, tok, spec: SweepSpec, answers: list[list[str]] | None
 def _record(result: dict, spec: SweepSpec, name: str, eta: Point | None, log) -> dict:
     """Write the answers to the log, keep a few in the summary row."""
     answers = result.pop("answers")
-    for prompt, samples in zip(spec.prompts, answers):
-        log.write(json.dumps({"point": name, "prompt": prompt[-1][1], "answers": samples}) + "\n")
-    result["samples"] = [{"prompt": p[-1][1], "answer": a[0]}
-                         for p, a in list(zip(spec.prompts, answers))[:spec.samples_kept]]
+    sets = spec.prompt_sets or [None] * len(spec.prompts)
+    for prompt, samples, prompt_set in zip(spec.prompts, answers, sets):
+        row = {"point": name, "prompt": prompt[-1][1], "answers": samples}
+        log.write(json.dumps({**row, **({"set": prompt_set} if prompt_set else {})}) + "\n")
+    result["samples"] = kept_samples(spec, answers)
     row = {"name": name, **({"eta": eta} if eta is not None else {}), **result}
     shown = " ".join(f"{k}={v:.3f}" for k, v in result["scores"].items()
                      if not k.startswith("n_") and v is not None)
     shown += "".join(f" margin_{p}={m['margin']:.3f}" for p, m in result["margins"].items())
     print(f"[sweep] {name}: {shown} ({result['seconds']} s)", flush=True)
     return row
+
+
+def kept_samples(spec: SweepSpec, answers: list[list[str]]) -> list[dict]:
+    """The first samples_kept answers (of each prompt set, when there are sets)."""
+    if not spec.prompt_sets:
+        return [{"prompt": p[-1][1], "answer": a[0]}
+                for p, a in list(zip(spec.prompts, answers))[:spec.samples_kept]]
+    seen: dict[str, int] = {}
+    out = []
+    for prompt, samples, name in zip(spec.prompts, answers, spec.prompt_sets):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] <= spec.samples_kept:
+            out.append({"set": name, "prompt": prompt[-1][1], "answer": samples[0]})
+    return out
 
 
 def param_drift(model, base_dir: Path) -> float:

@@ -58,7 +58,7 @@ class Evaluator:
     def __init__(self, cfg: RunConfig, base: Path, vectors: dict[str, Path]):
         from prefvec_ds.eval.generate import load_policy  # noqa: PLC0415
         from prefvec_ds.eval.margins import held_out_pairs  # noqa: PLC0415
-        from prefvec_ds.eval.runner import eval_prompts  # noqa: PLC0415
+        from prefvec_ds.eval.runner import answered_prompts  # noqa: PLC0415
         from prefvec_ds.eval.scorers import build_scorer  # noqa: PLC0415
 
         ecfg = cfg.pipeline.eval
@@ -70,7 +70,7 @@ class Evaluator:
             raise PrefvecError(f"tune-eta: no held-out pairs for {', '.join(missing)} (config "
                                "parameter pipeline.eval.margin_pairs must be >= 1 and "
                                "data.preferences.<p>.eval_fraction > 0): the search reads them")
-        self.prompts = eval_prompts(cfg, ecfg.prompts)
+        self.prompts, self.sets, self.set_axes = answered_prompts(cfg)
         self.scorers = [build_scorer(s) for s in ecfg.scorers]
         self.margin_passes = self.generation_passes = 0
 
@@ -103,7 +103,9 @@ class Evaluator:
         answers = self._applied(point, lambda: generate(self.model, self.tok, self.prompts,
                                                         self.gen))
         prompts = [p for p, samples in zip(self.prompts, answers) for _ in samples]
-        per_answer = score_all(self.scorers, prompts, [a for s in answers for a in s])
+        sets = [name for name, s in zip(self.sets, answers) for _ in s]
+        per_answer = score_all(self.scorers, prompts, [a for s in answers for a in s], sets,
+                               self.set_axes)
         tcfg = self.cfg.pipeline.eval.tune
         ci = {axis: tuning.bootstrap_mean(_per_prompt(values, self.gen.num_samples),
                                           tcfg.bootstrap, tcfg.confidence, tcfg.seed)
@@ -116,7 +118,7 @@ class Evaluator:
 def tune_eta(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     """Search, confirm, choose, merge; returns the result (also written as tune.json)."""
     from prefvec_ds.eval.runner import cap_cpu_threads, check_vectors, run_vectors  # noqa: PLC0415
-    from prefvec_ds.eval.scorers import build_scorer  # noqa: PLC0415
+    from prefvec_ds.eval.scorers import build_scorer, set_columns  # noqa: PLC0415
     from prefvec_ds.eval.tune_report import write_tune_report  # noqa: PLC0415
     from prefvec_ds.models.hf import check_model_dir  # noqa: PLC0415
     from prefvec_ds.train.stage import base_model_dir  # noqa: PLC0415
@@ -127,8 +129,9 @@ def tune_eta(cfg: RunConfig, out_dir: Path | None = None) -> dict:
     vectors = run_vectors(cfg)
     check_vectors(vectors)
     grid = search_grid(cfg)  # config errors before the model loads
-    tuning.check_names(tcfg, prefs, [a for s in cfg.pipeline.eval.scorers
-                                     for a in build_scorer(s).axes])
+    axes = [a for s in cfg.pipeline.eval.scorers for a in build_scorer(s).axes]
+    sets = {name: spec.axes for name, spec in cfg.pipeline.eval.prompt_sets.items()}
+    tuning.check_names(tcfg, prefs, set_columns(axes, sets) if sets else axes)
     cap_cpu_threads(cfg.pipeline.eval.cpu_threads)
     base = check_model_dir(base_model_dir(cfg), "theta_base")
     ev = Evaluator(cfg, base, vectors)

@@ -41,7 +41,7 @@ def direction(op: str) -> int:
 
 def objective_sign(objective: str) -> int:
     """+1: the objective is maximised; -1: a lower-is-better axis (cost, over_refusal)."""
-    return -1 if objective in LOWER_IS_BETTER else 1
+    return -1 if objective.split("@")[0] in LOWER_IS_BETTER else 1  # cost@harmful too
 
 
 def proxy_of(score: str, tcfg: TuneConfig, preferences: list[str]) -> tuple[str, int] | None:

@@ -81,7 +81,12 @@ def comparison(cfg: RunConfig, stages: list[Stage]) -> dict:
     sweep = json.loads(path.read_text())
     world = cfg.distributed.nproc_per_node * cfg.distributed.nnodes
     columns = [c for c in sweep["base"]["scores"] if not c.startswith("n_")]
-    roles = [c for c in cfg.pipeline.baseline_roles if c in columns] or columns[:2]
+    roles = list(cfg.pipeline.eval.headline)
+    unknown = [c for c in roles if c not in columns]
+    if unknown:
+        raise PrefvecError(f"config parameter pipeline.eval.headline: {unknown[0]!r} is not a "
+                           f"score column of {path}; its columns: {', '.join(columns)}")
+    roles = roles or [c for c in cfg.pipeline.baseline_roles if c in columns] or columns[:2]
     chosen = sweep_choice(sweep, roles)
 
     def row(system: str, scored: dict, needs: str | None, eta=None) -> dict:

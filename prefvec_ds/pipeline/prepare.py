@@ -55,6 +55,7 @@ def validate_data(cfg: RunConfig) -> None:
     """Read every data source the stages will read (a missing column, an empty file, a bad
     line): one error here, before a stage is launched or queued, not one per rank after it.
     MORA pairs do not exist yet (a stage writes them) and are checked by that stage."""
+    from prefvec_ds.data.prompts import load_prompt_set  # noqa: PLC0415
     from prefvec_ds.data.sources import load_preference, load_sft_examples  # noqa: PLC0415
     from prefvec_ds.data.tokenize import require_safety_labels  # noqa: PLC0415
 
@@ -66,6 +67,8 @@ def validate_data(cfg: RunConfig) -> None:
             pairs = load_preference(name, pref, cfg.data)
             if name in readers:  # the ranks check again; this is the error before any launch
                 require_safety_labels(pairs, f"data.preferences.{name}", readers[name])
+    for name, spec in cfg.pipeline.eval.prompt_sets.items():  # read by the eval stage, last
+        load_prompt_set(name, spec)
 
 
 def safety_label_readers(cfg: RunConfig) -> dict[str, str]:

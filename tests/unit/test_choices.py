@@ -16,6 +16,7 @@ from prefvec_ds.config import choices
 from prefvec_ds.config.choices import names
 from prefvec_ds.config.loader import load_config
 from prefvec_ds.config.pipeline import DEFAULT_TIMES, STAGE_KINDS
+from prefvec_ds.data.prompts import PROMPT_LOADERS
 from prefvec_ds.data.sources import PREFERENCE_LOADERS
 from prefvec_ds.eval.scorers import SCORER_KINDS
 from prefvec_ds.mora.rewrite import REWRITERS
@@ -30,11 +31,12 @@ pytestmark = pytest.mark.unit
 @pytest.mark.parametrize("choice, table", [
     (choices.LossType, LOSSES),
     (choices.PreferenceSource, PREFERENCE_LOADERS),
+    (choices.PromptSource, PROMPT_LOADERS),
     (choices.ScorerKind, SCORER_KINDS),
     (choices.RewriterKind, REWRITERS),
     (choices.StageKind, DEFAULT_TIMES),
     (choices.BaselineKind, BASELINES),
-], ids=["losses", "preference sources", "scorers", "rewriters", "stage times", "baselines"])
+], ids=["losses", "preference sources", "prompt sources", "scorers", "rewriters", "stage times", "baselines"])
 def test_literal_names_the_implementation_table(choice, table):
     assert set(names(choice)) == set(table), (
         f"config.choices and the implementation table disagree: only in config "
