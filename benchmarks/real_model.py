@@ -102,6 +102,14 @@ def paper_lines(summary: dict, pm: dict[str, float]) -> list[str]:
     return out
 
 
+def shown(path: Path) -> Path:
+    """A path as a reader of the page types it: relative to the repository when inside it."""
+    try:
+        return path.relative_to(REPO)
+    except ValueError:
+        return path
+
+
 def write(run_dir: Path, command: str, results: Path) -> str:
     import json  # noqa: PLC0415
 
@@ -128,7 +136,7 @@ def write(run_dir: Path, command: str, results: Path) -> str:
         "## Preference Vectors against the baselines", "", *comparison(run_dir), "",
         "## Checks and vector diagnostics", "", *diagnostics(summary), "",
         f"The full report of the run (every point, sample answers, plots): "
-        f"`{run_dir}/eval/report.md`.", ""]
+        f"`{shown(run_dir)}/eval/report.md`.", ""]
     text = "\n".join(page)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(text)

@@ -143,6 +143,25 @@ def test_compare_before_the_eval_is_one_clear_error(tmp_path):
         comparison(cfg, build_dag(cfg))
 
 
+def test_headline_picks_the_compared_columns_and_a_wrong_name_is_one_error(tmp_path):
+    import json
+
+    from prefvec_ds.pipeline.compare import comparison
+
+    cfg = cfg_with(tmp_path, "pipeline.eval.headline=[reward@alpaca,refusal@advbench]")
+    row = {"scores": {"reward@alpaca": 0.1, "refusal@advbench": 0.2, "refusal@xstest": 0.3},
+           "margins": {}}
+    sweep = {"base": row, "models": {},
+             "points": [{**row, "eta": {"helpful": 0.0, "harmless": 0.0}}]}
+    (tmp_path / "eval").mkdir(parents=True)
+    (tmp_path / "eval" / "sweep.json").write_text(json.dumps(sweep))
+    assert comparison(cfg, build_dag(cfg))["axes"] == ["reward@alpaca", "refusal@advbench"]
+    cfg.pipeline.eval.headline = ["reward@alpaca", "refusal@harmbench"]
+    with pytest.raises(PrefvecError, match="pipeline.eval.headline: 'refusal@harmbench' is not "
+                                           "a score column"):
+        comparison(cfg, build_dag(cfg))
+
+
 def test_comparison_markdown_has_one_column_per_figure():
     from prefvec_ds.pipeline.compare import markdown
 
