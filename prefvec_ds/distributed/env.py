@@ -174,6 +174,15 @@ def accelerator_is_cpu(env=None) -> bool:
     return not torch.cuda.is_available()
 
 
+def cpu_threads_per_rank(cores: int, ranks: int) -> int:
+    """Threads of each of `ranks` CPU processes that share `cores`: the cores shared out, at
+    least one. The ranks of one node share them (2 ranks on 2 cores: 1 thread each, not 2 x 2);
+    so do the stages `prefvec run` starts at once (four 1-rank DPO directions on 2 cores: one
+    each; left to take every core, their 8 spinning OpenMP threads made a DPO step of
+    SmolLM2-135M several times slower)."""
+    return max(1, cores // max(1, ranks))
+
+
 def cuda_device_index(local_rank: int, device_count: int) -> int:
     """The GPU of this rank among the visible ones: local_rank when every GPU of the node is
     visible, local_rank % count when the site binds GPUs per task (`--gpu-bind`, per-task

@@ -27,7 +27,8 @@ def init(seed: int) -> dist_env.RankInfo:
         # (per node: two nodes with one rank each give each rank all of its node's cores)
         local_world = dist_env.local_world_size(info)
         if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+            torch.set_num_threads(dist_env.cpu_threads_per_rank(os.cpu_count() or 1,
+                                                                local_world))
     else:
         # local_rank % visible GPUs: a site that binds one GPU per task (--gpu-bind, per-task
         # --gpus) shows each rank one device, and set_device(LOCAL_RANK) would be invalid

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prefvec_ds import PrefvecError
 from prefvec_ds.config.schema import RunConfig
-from prefvec_ds.distributed.env import free_port
+from prefvec_ds.distributed.env import cpu_threads_per_rank, free_port
 from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import Stage
 from prefvec_ds.pipeline.prepare import snapshot_path
@@ -70,17 +70,6 @@ def device_slots(cfg: RunConfig, n_gpus: int, env=None) -> list[list[int] | None
     return slots[:limit] if limit else slots
 
 
-def cpu_threads_per_rank(cores: int, jobs: int, nproc: int) -> int:
-    """Threads for each rank of a CPU stage that starts while `jobs` stages (itself included)
-    run on this machine with `nproc` ranks each: the cores shared out, at least one.
-
-    A rank alone takes every core of its share; four 1-rank DPO directions on 2 cores take one
-    thread each. Left to itself each rank would take cores // nproc threads: 8 spinning OpenMP
-    threads on 2 cores made a DPO step of SmolLM2-135M several times slower.
-    """
-    return max(1, cores // max(1, jobs * nproc))
-
-
 @dataclass
 class _Running:
     proc: subprocess.Popen
@@ -114,8 +103,9 @@ class LocalExecutor:
         if devices is not None:
             cmd += ["--devices", ",".join(map(str, devices))]
         elif "OMP_NUM_THREADS" not in os.environ:  # a user's own setting wins
-            threads = cpu_threads_per_rank(os.cpu_count() or 1, jobs,
-                                           self.cfg.distributed.nproc_per_node)
+            # the stages running at once share the cores, as the ranks of one stage do
+            threads = cpu_threads_per_rank(os.cpu_count() or 1,
+                                           jobs * self.cfg.distributed.nproc_per_node)
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")

